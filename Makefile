@@ -1,0 +1,36 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv, installs wafer and
+# fetches the model when it is missing, so both work on a fresh machine.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+WAFER  := $(VENV)/bin/wafer
+MODEL  ?= smollm2-135m
+
+.PHONY: demo test install model bench protos clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+model: install
+	$(WAFER) models pull $(MODEL)
+
+demo: model
+	$(PY) -m engine.demo --model $(MODEL)
+
+test: model
+	$(PY) -m pytest -q tests
+
+bench: model
+	$(PY) -m pytest -q benches --benchmark-only -s
+
+protos: install
+	$(PY) -m protos.generate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +
