@@ -1,0 +1,222 @@
+"""The model's tokenizer, built from the GGUF file's own vocabulary, merges and chat template.
+
+GGUF files written by llama.cpp's converter carry the whole tokenizer in their metadata
+(``tokenizer.ggml.*``). For byte-level BPE models (``tokenizer.ggml.model == "gpt2"``) we rebuild
+the equivalent Hugging Face ``tokenizers.Tokenizer`` from it, so ids match the model's reference
+tokenizer exactly, and render the chat template with jinja2 the way ``transformers`` does.
+
+    tok = Tokenizer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    dec = IncrementalDecoder(tok)
+    text = "".join(dec.push(i) for i in generated_ids) + dec.flush()
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from datetime import datetime
+from functools import lru_cache
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+# llama.cpp token types (enum llama_token_type)
+TOKEN_NORMAL = 1
+TOKEN_UNKNOWN = 2
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
+TOKEN_UNUSED = 5
+TOKEN_BYTE = 6
+
+# Used when the GGUF carries no chat template: ChatML with SmolLM's default system prompt.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> raw byte."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _pre_tokenizer(pre: str | None):
+    """The pre-tokenizer llama.cpp's converter recorded as ``tokenizer.ggml.pre``."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        # SmolLM's tokenizer.json: every digit is its own pre-token, then GPT-2 byte-level.
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    return byte_level  # "gpt2" and anything we do not know specially
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer plus chat template, read from a GGUF file."""
+
+    def __init__(
+        self,
+        tokens: list[str],
+        merges: list[str],
+        token_types: list[int] | None = None,
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int | None = None,
+        unk_id: int | None = None,
+        pre: str | None = None,
+        chat_template: str | None = None,
+    ):
+        self.tokens = list(tokens)
+        self.vocab_size = len(self.tokens)
+        self.token_types = list(token_types) if token_types is not None else [TOKEN_NORMAL] * self.vocab_size
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+
+        vocab = {tok: i for i, tok in enumerate(self.tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
+        hf.pre_tokenizer = _pre_tokenizer(pre)
+        hf.decoder = decoders.ByteLevel()
+
+        # Control tokens (<|im_start|>, ...) are matched in raw text and kept whole;
+        # user-defined tokens likewise, but are not "special" (not skipped when decoding).
+        self._special_ids = {i for i, t in enumerate(self.token_types) if t == TOKEN_CONTROL}
+        for i in (bos_id, eos_id):  # the <|...|> ids a chat template emits
+            if i is not None:
+                self._special_ids.add(i)
+        special = [self.tokens[i] for i in sorted(self._special_ids)]
+        user = [self.tokens[i] for i, t in enumerate(self.token_types) if t == TOKEN_USER_DEFINED]
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        if user:
+            hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+        self._hf = hf
+
+    @classmethod
+    def from_gguf(cls, path_or_reader) -> "Tokenizer":
+        """Build from a GGUF path or an open ``gguf.GGUFReader``."""
+        if isinstance(path_or_reader, (str, os.PathLike)):
+            import gguf
+
+            reader = gguf.GGUFReader(path_or_reader)
+        else:
+            reader = path_or_reader
+        model = _field(reader, "tokenizer.ggml.model", "gpt2")
+        if model != "gpt2":
+            raise ValueError(
+                f"tokenizer.ggml.model={model!r} is not supported; only byte-level BPE ('gpt2')"
+            )
+        tokens = _field(reader, "tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ValueError("GGUF file has no tokenizer.ggml.tokens")
+        return cls(
+            tokens,
+            _field(reader, "tokenizer.ggml.merges", []),
+            _field(reader, "tokenizer.ggml.token_type"),
+            bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+            pad_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+            unk_id=_field(reader, "tokenizer.ggml.unknown_token_id"),
+            pre=_field(reader, "tokenizer.ggml.pre"),
+            chat_template=_field(reader, "tokenizer.chat_template"),
+        )
+
+    # --- text <-> ids -------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no BOS is added, special-token text becomes its single id."""
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_bytes(self, id) -> bytes:
+        """Raw bytes of one token (a token may hold only part of a UTF-8 character)."""
+        tok = self.tokens[int(id)]
+        if self.is_special(id) or self.token_types[int(id)] == TOKEN_USER_DEFINED:
+            return tok.encode("utf-8")
+        table = _byte_decoder()
+        return bytes(table[c] for c in tok)
+
+    def is_special(self, id) -> bool:
+        return int(id) in self._special_ids
+
+    # --- chat ---------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the GGUF's chat template (as transformers does)."""
+        return _compile_template(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.tokens[self.bos_id] if self.bos_id is not None else "",
+            eos_token=self.tokens[self.eos_id] if self.eos_id is not None else "",
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+class IncrementalDecoder:
+    """Streaming detokenization: text deltas that never split a UTF-8 character.
+
+    Bytes of a character spread over several tokens are held back until the character is
+    complete; invalid bytes become U+FFFD only once they can no longer start a valid character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id) -> str:
+        if self.skip_special and self.tokenizer.is_special(token_id):
+            return ""
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever is still held back (as U+FFFD if it never became a whole character)."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=8)
+def _compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
