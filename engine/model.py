@@ -1,0 +1,208 @@
+"""The Llama model: one forward step over a flat batch of tokens, and the Model that owns it.
+
+`forward` is the whole decode/prefill step, one screen, in the spirit of llama2.c's run.c.
+A step takes T tokens; each has a position and a sequence (a row of `block_tables`), so one
+call serves a prompt chunk (T tokens of one sequence), a decode step (one token of each of B
+sequences), or a mix. Logits are computed only for the rows the caller asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import gguf
+import numba
+import numpy as np
+
+from engine import kernels as K
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.tokenizer import Tokenizer
+from engine.weights import Weights, load_weights, weight_bytes
+
+log = logging.getLogger(__name__)
+
+
+class Dims(NamedTuple):
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ffn: int
+    rms_eps: float
+
+
+class Buffers(NamedTuple):
+    """Every array a step writes, allocated once for the largest step."""
+
+    x: np.ndarray  # residual stream [T, d_model]
+    xn: np.ndarray  # normalized [T, d_model]
+    qkv: np.ndarray  # [T, (n_heads + 2 n_kv) head_dim]
+    att: np.ndarray  # attention output [T, d_model]
+    tmp: np.ndarray  # projection output [T, d_model]
+    gate_up: np.ndarray  # [T, 2 d_ffn]
+    hidden: np.ndarray  # silu(gate) * up [T, d_ffn]
+    head_in: np.ndarray  # rows that get logits [T, d_model]
+    xsum: np.ndarray  # per-block sums of a matrix-vector input [T, max_cols / 32]
+    tiles: np.ndarray  # per-thread dequantized rows [threads, TILE_ROWS, max_cols]
+    scores: np.ndarray  # per-thread attention scores [threads, context]
+
+
+@K.jit
+def forward(tokens, positions, token_seq, block_tables, logit_rows,
+            w, half, rope_cos, rope_sin, k_cache, v_cache, dims, buf, logits):
+    T = tokens.size
+    K.embed(w.embed, half, tokens, T, buf.x)
+    for l in range(dims.n_layers):
+        # attention block
+        K.rmsnorm(buf.x, w.attn_norm[l], dims.rms_eps, T, buf.xn)
+        K.matmul(w.qkv, half, l, buf.xn, T, buf.qkv, buf.xsum, buf.tiles)
+        K.rope_and_store(buf.qkv, T, positions, token_seq, block_tables, l, k_cache, v_cache,
+                         rope_cos, rope_sin, dims.n_heads, dims.n_kv_heads, dims.head_dim)
+        K.attention(buf.qkv, T, positions, token_seq, block_tables, l, k_cache, v_cache,
+                    dims.n_heads, dims.n_kv_heads, dims.head_dim, buf.scores, buf.att)
+        K.matmul(w.wo, half, l, buf.att, T, buf.tmp, buf.xsum, buf.tiles)
+        K.add_into(buf.x, buf.tmp, T)
+        # feed-forward block
+        K.rmsnorm(buf.x, w.ffn_norm[l], dims.rms_eps, T, buf.xn)
+        K.matmul(w.gate_up, half, l, buf.xn, T, buf.gate_up, buf.xsum, buf.tiles)
+        K.silu_mul(buf.gate_up, dims.d_ffn, T, buf.hidden)
+        K.matmul(w.down, half, l, buf.hidden, T, buf.tmp, buf.xsum, buf.tiles)
+        K.add_into(buf.x, buf.tmp, T)
+    R = logit_rows.size
+    for i in range(R):
+        buf.head_in[i] = buf.x[logit_rows[i]]
+    K.rmsnorm(buf.head_in, w.out_norm, dims.rms_eps, R, buf.xn)
+    K.matmul(w.head, half, 0, buf.xn, R, logits, buf.xsum, buf.tiles)
+
+
+def rope_tables(context: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(context, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class Model:
+    """A loaded model, its paged KV cache and step buffers. Call it from one thread only."""
+
+    def __init__(self, path: str | Path, *, max_batch: int = 64, kv_blocks: int | None = None,
+                 block_size: int = 16, max_chunk: int = 512, threads: int | None = None):
+        if threads:
+            numba.set_num_threads(threads)
+        t0 = time.perf_counter()
+        self.path = Path(path)
+        reader = gguf.GGUFReader(self.path)
+        self.config = cfg = ModelConfig.from_gguf(reader)
+        self.tokenizer = Tokenizer.from_gguf(reader)
+        self.weights: Weights = load_weights(reader, cfg)
+        del reader
+        self.max_batch = max_batch
+        self.max_chunk = max(max_chunk, max_batch)
+        self.dims = Dims(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ffn, cfg.rms_eps)
+        self.rope_cos, self.rope_sin = rope_tables(cfg.context_length, cfg.head_dim, cfg.rope_base)
+        self.max_blocks_per_seq = -(-cfg.context_length // block_size)
+        if kv_blocks is None:
+            kv_blocks = max(4 * self.max_blocks_per_seq, 2048)
+        self.kv = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_blocks, block_size)
+        self.buffers = self._buffers(self.max_chunk)
+        self._logits = np.zeros((max_batch, cfg.vocab_size), dtype=np.float32)
+        self._rows = np.arange(self.max_chunk, dtype=np.int32)
+        self._zeros = np.zeros(self.max_chunk, dtype=np.int32)
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s (%s, %d layers) in %.2fs", self.path.name, cfg.quantization,
+                 cfg.n_layers, self.load_seconds)
+
+    load = classmethod(lambda cls, path, **kw: cls(path, **kw))
+
+    def _buffers(self, T: int) -> Buffers:
+        cfg = self.config
+        w = self.weights
+        max_cols = max(m.cols for m in (w.qkv, w.wo, w.gate_up, w.down, w.head))
+        threads = numba.config.NUMBA_NUM_THREADS
+        f = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
+        return Buffers(
+            x=f(T, cfg.d_model), xn=f(T, cfg.d_model), qkv=f(T, w.qkv.rows),
+            att=f(T, cfg.d_model), tmp=f(T, cfg.d_model), gate_up=f(T, 2 * cfg.d_ffn),
+            hidden=f(T, cfg.d_ffn), head_in=f(T, cfg.d_model), xsum=f(T, max_cols // K.BLOCK),
+            tiles=f(threads, K.TILE_ROWS, max_cols), scores=f(threads, cfg.context_length),
+        )
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def _step(self, tokens, positions, token_seq, block_tables, logit_rows, logits):
+        forward(tokens, positions, token_seq, block_tables, logit_rows, self.weights,
+                K.HALF_TO_FLOAT, self.rope_cos, self.rope_sin, self.kv.k, self.kv.v,
+                self.dims, self.buffers, logits)
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
+        """One token for each of B sequences -> logits [B, vocab] (valid until the next call)."""
+        B = tokens.shape[0]
+        if B > self.max_batch:
+            raise ValueError(f"batch of {B} exceeds max_batch={self.max_batch}")
+        logits = self._logits[:B]
+        self._step(np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(positions, np.int32),
+                   self._rows[:B], np.ascontiguousarray(block_tables, np.int32), self._rows[:B], logits)
+        return logits
+
+    def prefill(self, tokens: np.ndarray, block_table: np.ndarray, start_pos: int = 0,
+                all_logits: bool = False) -> np.ndarray:
+        """Run a prompt (in chunks of max_chunk) from start_pos; its KV goes into block_table's
+        blocks. Returns the last token's logits [vocab], or [n, vocab] with all_logits."""
+        tokens = np.ascontiguousarray(tokens, np.int32)
+        n = tokens.size
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        if start_pos + n > self.config.context_length:
+            raise ValueError(f"{start_pos + n} tokens exceed the context of {self.config.context_length}")
+        table = np.ascontiguousarray(block_table, np.int32).reshape(1, -1)
+        if table.shape[1] * self.kv.block_size < start_pos + n:
+            raise ValueError(f"block table of {table.shape[1]} blocks cannot hold {start_pos + n} tokens")
+        out = np.empty((n, self.config.vocab_size), np.float32) if all_logits else None
+        for c0 in range(0, n, self.max_chunk):
+            c1 = min(n, c0 + self.max_chunk)
+            chunk = tokens[c0:c1]
+            positions = np.arange(start_pos + c0, start_pos + c1, dtype=np.int32)
+            if all_logits:
+                rows, logits = self._rows[: c1 - c0], out[c0:c1]
+            else:
+                rows, logits = self._rows[c1 - c0 - 1 : c1 - c0], self._logits[:1]
+            self._step(chunk, positions, self._zeros[: c1 - c0], table, rows, logits)
+        return out if all_logits else self._logits[0]
+
+    # -- conveniences --------------------------------------------------------------------------
+
+    def logits(self, tokens) -> np.ndarray:
+        """Teacher-forced logits [n, vocab] for a token sequence, in a temporary sequence."""
+        tokens = np.asarray(tokens, np.int32)
+        blocks = self.kv.allocator.allocate(self.kv.blocks_for(tokens.size))
+        try:
+            return self.prefill(tokens, np.array(blocks, np.int32), 0, all_logits=True)
+        finally:
+            self.kv.allocator.free(blocks)
+
+    def warmup(self) -> float:
+        """Compile (or load from Numba's cache) both kernel paths; returns seconds taken."""
+        t0 = time.perf_counter()
+        blocks = self.kv.allocator.allocate(1)
+        try:
+            table = np.array(blocks, np.int32)
+            n = min(K.GEMV_MAX_TOKENS + 2, self.kv.block_size - 1)
+            self.prefill(np.ones(n, np.int32), table, 0)
+            self.decode(np.ones(1, np.int32), np.array([n], np.int32), table.reshape(1, -1))
+        finally:
+            self.kv.allocator.free(blocks)
+        return time.perf_counter() - t0
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights a single-sequence decode step reads (embedding: one row)."""
+        w = self.weights
+        emb_row = weight_bytes(w.embed) // w.embed.rows
+        return sum(weight_bytes(m) for m in (w.qkv, w.wo, w.gate_up, w.down, w.head)) + emb_row
+
+    def macs_per_token(self) -> int:
+        w = self.weights
+        return sum(m.rows * m.cols * (self.config.n_layers if m is not w.head else 1)
+                   for m in (w.qkv, w.wo, w.gate_up, w.down)) + w.head.rows * w.head.cols
