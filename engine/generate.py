@@ -1,0 +1,101 @@
+"""Single-stream generation on a local Model: prefill the prompt, then decode token by token.
+
+This is the plain path behind `wafer generate --model ...`; the server batches many streams
+through engine/scheduler.py instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from engine.model import Model
+from engine.sampling import Sampler, SamplingParams, StopChecker, logprobs_topn
+
+
+@dataclass
+class GeneratedToken:
+    id: int
+    text: str  # text that became final with this token (may be "" while UTF-8 or a stop string is pending)
+    index: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0  # prompt in -> first token out
+    decode_s: float = 0.0  # first token out -> last token out
+    finish_reason: str = ""
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.completion_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+class Generation:
+    """Iterate to stream tokens; `stats` is complete once iteration ends."""
+
+    def __init__(self, model: Model, prompt_ids: list[int], params: SamplingParams):
+        params.validate(model.config.vocab_size, model.config.context_length, len(prompt_ids))
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        self.model = model
+        self.prompt = np.asarray(prompt_ids, dtype=np.int32)
+        self.params = params
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    def __iter__(self) -> Iterator[GeneratedToken]:
+        model, params, stats = self.model, self.params, self.stats
+        kv = model.kv
+        n_total = self.prompt.size + params.max_tokens
+        blocks = kv.allocator.allocate(kv.blocks_for(n_total))
+        table = np.array(blocks, dtype=np.int32).reshape(1, -1)
+        sampler = Sampler(params, model.config.vocab_size)
+        stop = StopChecker(params, model.tokenizer, model.tokenizer.eos_id)
+        history = np.empty(n_total, dtype=np.int32)
+        history[: self.prompt.size] = self.prompt
+        n = self.prompt.size
+        token_pos = np.zeros(1, np.int32)
+        token_id = np.zeros(1, np.int32)
+        try:
+            t0 = time.perf_counter()
+            logits = model.prefill(self.prompt, table[0], 0)
+            t_first = None
+            while True:
+                tok = sampler.sample(logits, history[:n])
+                lp, top = (logprobs_topn(logits, tok, params.logprobs) if params.logprobs
+                           else (None, []))
+                text, finish = stop.push(tok)
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.ttft_s = now - t0
+                stats.decode_s = now - t_first
+                stats.completion_tokens += 1
+                history[n] = tok
+                n += 1
+                yield GeneratedToken(tok, text, stats.completion_tokens - 1, lp, top)
+                if finish:
+                    stats.finish_reason = finish
+                    return
+                token_id[0], token_pos[0] = tok, n - 1
+                logits = model.decode(token_id, token_pos, table)[0]
+        finally:
+            kv.allocator.free(blocks)
+            if not stats.finish_reason:
+                stats.finish_reason = "cancelled"
+
+
+def prompt_ids(model: Model, prompt: str, raw: bool = False) -> list[int]:
+    """A user prompt as ids: through the chat template unless raw."""
+    tok = model.tokenizer
+    if raw:
+        return tok.encode(prompt)
+    return tok.encode_chat([{"role": "user", "content": prompt}])

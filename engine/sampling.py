@@ -1,0 +1,169 @@
+"""Choosing the next token, and knowing when to stop.
+
+Order of the logit processors (as in llama.cpp and Hugging Face): repetition penalty,
+temperature (0 = greedy), top-k, softmax, top-p, min-p; then a draw from a generator seeded
+per request, so a seed makes a completion reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.tokenizer import IncrementalDecoder, Tokenizer
+
+# Logits more than this below the maximum (after temperature) have probability < e^-30
+# relative to the top token: they cannot change a float32 softmax, so they are dropped early.
+NEGLIGIBLE_LOGIT_GAP = 30.0
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int = 0  # how many top alternatives to report per token
+    ignore_eos: bool = False
+
+    MAX_LOGPROBS = 20
+    MAX_STOP_STRINGS = 16
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int, context_length: int, prompt_len: int = 0) -> None:
+        """Raise ValueError naming the field, its value and the limit."""
+        def bad(msg):
+            raise ValueError(msg)
+
+        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
+            bad(f"temperature={self.temperature} must be in [0, 100] (0 = greedy)")
+        if self.top_k < 0 or self.top_k > vocab_size:
+            bad(f"top_k={self.top_k} must be in [0, {vocab_size}] (0 = off)")
+        if not (0.0 < self.top_p <= 1.0):
+            bad(f"top_p={self.top_p} must be in (0, 1]")
+        if not (0.0 <= self.min_p <= 1.0):
+            bad(f"min_p={self.min_p} must be in [0, 1]")
+        if not (0.0 < self.repetition_penalty <= 10.0):
+            bad(f"repetition_penalty={self.repetition_penalty} must be in (0, 10]")
+        if self.max_tokens < 1:
+            bad(f"max_tokens={self.max_tokens} must be at least 1")
+        if prompt_len + self.max_tokens > context_length:
+            bad(f"max_tokens={self.max_tokens} plus the prompt's {prompt_len} tokens exceeds "
+                f"the model's context of {context_length}")
+        if not (0 <= self.logprobs <= self.MAX_LOGPROBS):
+            bad(f"logprobs={self.logprobs} must be in [0, {self.MAX_LOGPROBS}]")
+        if len(self.stop) > self.MAX_STOP_STRINGS:
+            bad(f"stop has {len(self.stop)} strings; the limit is {self.MAX_STOP_STRINGS}")
+        if any(s == "" for s in self.stop):
+            bad("stop contains an empty string")
+        for t in self.stop_token_ids:
+            if not (0 <= t < vocab_size):
+                bad(f"stop_token_ids contains {t}, outside the vocabulary [0, {vocab_size})")
+        if self.seed is not None and not (0 <= self.seed < 2**64):
+            bad(f"seed={self.seed} must be in [0, 2^64)")
+
+
+class Sampler:
+    """Draws tokens for one sequence; keeps its own random generator and work buffer."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self._work = np.empty(vocab_size, dtype=np.float32)
+
+    def sample(self, logits: np.ndarray, history: np.ndarray | None = None) -> int:
+        p = self.params
+        work = self._work
+        np.copyto(work, logits[: work.size])
+        if p.repetition_penalty != 1.0 and history is not None and len(history):
+            seen = np.unique(history)
+            v = work[seen]
+            work[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if p.greedy:
+            return int(np.argmax(work))
+        work /= p.temperature
+        top = work.max()
+        cand = np.flatnonzero(work >= top - NEGLIGIBLE_LOGIT_GAP)
+        if 0 < p.top_k < cand.size:
+            cand = cand[np.argpartition(-work[cand], p.top_k - 1)[: p.top_k]]
+        cand = cand[np.argsort(-work[cand], kind="stable")]
+        probs = np.exp(work[cand] - top).astype(np.float64)
+        probs /= probs.sum()
+        keep = cand.size
+        if p.top_p < 1.0:
+            # smallest prefix whose mass reaches top_p (always at least one token)
+            keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
+        if p.min_p > 0.0:
+            keep = min(keep, max(1, int(np.count_nonzero(probs >= p.min_p * probs[0]))))
+        probs = probs[:keep]
+        probs /= probs.sum()
+        return int(cand[self.rng.choice(keep, p=probs)])
+
+
+def logprobs_topn(logits: np.ndarray, token_id: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of token_id under the model's raw distribution, and the n most likely."""
+    top = float(logits.max())
+    log_z = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+    chosen = float(logits[token_id]) - log_z
+    if n <= 0:
+        return chosen, []
+    ids = np.argpartition(-logits, n - 1)[:n]
+    ids = ids[np.argsort(-logits[ids], kind="stable")]
+    return chosen, [(int(i), float(logits[i]) - log_z) for i in ids]
+
+
+@dataclass
+class StopChecker:
+    """Turns a sequence's tokens into text deltas and decides when it is finished.
+
+    Finish reasons: "stop" (EOS, a stop token id, or a stop string, which is not emitted) and
+    "length" (max_tokens). Text that might be the start of a stop string is held back until it
+    is known not to be one, so a client never sees part of a stop string.
+    """
+
+    params: SamplingParams
+    tokenizer: Tokenizer
+    eos_id: int | None = None
+    n_tokens: int = 0
+    _held: str = ""
+    _decoder: IncrementalDecoder = field(init=False)
+
+    def __post_init__(self):
+        self._decoder = IncrementalDecoder(self.tokenizer)
+        self._stop_ids = set(self.params.stop_token_ids)
+        if self.eos_id is not None and not self.params.ignore_eos:
+            self._stop_ids.add(self.eos_id)
+
+    def push(self, token_id: int) -> tuple[str, str | None]:
+        self.n_tokens += 1
+        if token_id in self._stop_ids:
+            return self._held + self._decoder.flush(), "stop"
+        text = self._held + self._decoder.push(token_id)
+        self._held = ""
+        stops = self.params.stop
+        if stops:
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                return text[:cut], "stop"
+        if self.n_tokens >= self.params.max_tokens:
+            return text + self._decoder.flush(), "length"
+        if stops:
+            hold = max((k for s in stops for k in range(1, min(len(s), len(text) + 1))
+                        if text.endswith(s[:k])), default=0)
+            if hold:
+                text, self._held = text[:-hold], text[-hold:]
+        return text, None
+
+    def flush(self) -> str:
+        """Text still held back when a sequence ends for another reason (cancel, context full)."""
+        text, self._held = self._held + self._decoder.flush(), ""
+        return text
