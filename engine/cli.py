@@ -12,6 +12,7 @@ from engine import fetch
 # Modules that contribute subcommands, each with add_parsers(subparsers).
 SUBCOMMAND_MODULES = [
     "engine.generate_cli",  # generate
+    "engine.server.cli",
 ]
 
 

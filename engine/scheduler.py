@@ -1,0 +1,679 @@
+"""Continuous batching over the paged KV cache (nano-vllm style).
+
+One engine thread owns the model and runs :meth:`Scheduler.step` in a loop. Two queues:
+``waiting`` (admitted but not yet prefilled, FIFO) and ``running`` (have KV blocks). Each step:
+
+1. apply commands that other threads queued (submit, cancel, session turns/close);
+2. drop sequences whose deadline passed;
+3. **decode** every running sequence that has a sampled token not yet in the cache, in one batched
+   ``model.decode`` call (allocating a block when a sequence crosses a block boundary; when the
+   pool is dry the newest running sequence is preempted: its blocks are freed and it is recomputed
+   later from its tokens, so no sequence ever writes into another's blocks);
+4. **prefill** within a token budget: first continue chunked prefills, then admit waiting
+   sequences in FIFO order while the batch has room and blocks are free. The budget is small while
+   other sequences are decoding (their streams keep flowing) and large when nothing is decoding.
+
+Tokens leave through ``publish(items)``, called once after the decode and once after the prefill
+of every step with a list of ``(request, event)`` pairs; the server turns that into one hop into
+its event loop. The scheduler knows nothing of gRPC.
+
+Sessions keep their :class:`Sequence` (tokens + blocks) between turns; a new turn prefills only
+the tokens after the longest prefix it shares with what is already in the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_DEADLINE = "deadline"
+FINISH_SHUTDOWN = "shutdown"
+FINISH_ERROR = "error"
+
+
+class QueueFull(Exception):
+    """The bounded waiting queue is full (maps to RESOURCE_EXHAUSTED)."""
+
+
+class SchedulerClosed(Exception):
+    """The scheduler is draining or stopped and takes no new work (maps to UNAVAILABLE)."""
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch: int = 64               # sequences per decode step (<= the model's max_batch)
+    max_waiting: int = 256            # bounded admission queue; beyond it QueueFull
+    prefill_chunk: int = 64           # prefill tokens per step while others decode
+    prefill_budget_idle: int = 2048   # prefill tokens per step when nothing decodes
+    session_idle_timeout_s: float = 300.0
+    max_sessions: int = 256
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    token_id: int
+    text: str             # text delta (may be "" while a stop-string prefix is held back)
+    index: int            # position in the completion
+    step_ns: int          # engine time of the step (decode call or prefill chunk) that made it
+    batch_size: int       # sequences in that decode step (1 for a token from prefill)
+    t_ns: int             # monotonic time the engine produced it
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass(slots=True)
+class SeqStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_ns: int = 0       # engine time spent in this request's prefill calls
+    queue_ns: int = 0
+    max_batch_size: int = 0
+    preemptions: int = 0
+    arrival_ns: int = 0
+    first_token_ns: int = 0
+    finish_ns: int = 0
+
+
+@dataclass(slots=True)
+class FinishEvent:
+    reason: str
+    stats: SeqStats
+    error: str | None = None
+    text: str = ""  # text released at the end (held-back stop-string prefix that did not match)
+
+
+@dataclass(slots=True)
+class SessionExpired:
+    """Published to a session's ``on_close`` owner when it expires or the server shuts down."""
+
+    reason: str
+
+
+# ------------------------------------------------------------------------------------ requests
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation (a Generate call or one session turn).
+
+    ``prompt`` is the full token list the generation continues from. For a session turn with
+    ``replace=False`` the prompt is appended to the session's tokens; with ``replace=True`` it is
+    the whole conversation and the session's cache is reused up to the common prefix.
+    """
+
+    prompt: list[int]
+    params: Any                              # engine.sampling.SamplingParams
+    request_id: str = ""
+    deadline_ns: int | None = None           # monotonic deadline
+    session: "Session | None" = None
+    replace: bool = False
+    owner: Any = None                        # opaque, for the publisher (e.g. an asyncio queue)
+    on_event: Callable[[Any], None] | None = None  # used by the default publisher
+    arrival_ns: int = field(default_factory=time.monotonic_ns)
+    # filled by the scheduler
+    seq: "Sequence | None" = None
+    done: bool = False
+
+
+class Session:
+    """A persistent sequence owned by one client stream."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, idle_timeout_s: float, owner: Any = None):
+        self.session_id = f"s{next(self._ids)}"
+        self.idle_timeout_s = idle_timeout_s
+        self.owner = owner
+        self.seq: Sequence | None = None     # created with the first turn
+        self.active: Request | None = None
+        self.last_active = time.monotonic()
+        self.closed = False
+        self.close_reason = ""
+
+    @property
+    def tokens(self) -> list[int]:
+        return [] if self.seq is None else self.seq.token_list()
+
+
+class Sequence:
+    """Tokens of one sequence, how many of them are in the KV cache, and its blocks."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, capacity: int, max_blocks: int):
+        self.seq_id = next(self._ids)
+        self.tokens = np.zeros(capacity, dtype=np.int32)
+        self.n_tokens = 0
+        self.num_computed = 0
+        self.blocks: list[int] = []
+        self.table = np.zeros(max_blocks, dtype=np.int32)
+        self.req: Request | None = None
+        # per-turn state
+        self.prompt_len = 0
+        self.n_generated = 0
+        self.sampler = None
+        self.stopper = None
+        self.prefilling = True
+        self.stats = SeqStats()
+        self.scheduled = False
+
+    def token_list(self) -> list[int]:
+        return self.tokens[: self.n_tokens].tolist()
+
+    def set_tokens(self, ids: list[int]) -> None:
+        self.tokens[: len(ids)] = ids
+        self.n_tokens = len(ids)
+
+    def append(self, tok: int) -> None:
+        self.tokens[self.n_tokens] = tok
+        self.n_tokens += 1
+
+
+# ------------------------------------------------------------------------------------ scheduler
+
+
+def _default_publish(items) -> None:
+    for req, ev in items:
+        if req.on_event is not None:
+            req.on_event(ev)
+
+
+class Scheduler:
+    """Continuous batching for one model. Thread-safe front (submit/cancel/...), one engine thread."""
+
+    def __init__(
+        self,
+        model,
+        config: SchedulerConfig | None = None,
+        publish: Callable[[list], None] | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
+    ):
+        self.model = model
+        self.cfg = config or SchedulerConfig()
+        self.cfg.max_batch = min(self.cfg.max_batch, getattr(model, "max_batch", self.cfg.max_batch))
+        self.publish = publish or _default_publish
+        self.on_step = on_step  # (batch_size, decode_ns, prefill_tokens) after every step
+        self.tokenizer = model.tokenizer
+        self.allocator = model.kv.allocator
+        self.block_size = model.kv.block_size
+        self.context_length = model.config.context_length
+        self.vocab_size = model.config.vocab_size
+        self.max_blocks = model.max_blocks_per_seq
+        self.eos_id = self.tokenizer.eos_id
+
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.sessions: dict[str, Session] = {}
+
+        self._inbox: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending_new = 0         # submitted, not yet admitted (the bounded queue)
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._bt = np.zeros((self.cfg.max_batch, self.max_blocks), dtype=np.int32)
+        self._tok = np.zeros(self.cfg.max_batch, dtype=np.int32)
+        self._pos = np.zeros(self.cfg.max_batch, dtype=np.int32)
+
+        # observable counters (read from other threads; plain ints)
+        self.steps = 0
+        self.last_batch_size = 0
+        self.max_batch_seen = 0
+        self.decode_ns_total = 0
+        self.preemptions = 0
+
+    # ---------------------------------------------------------------- thread-safe front
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; raise QueueFull beyond ``max_waiting``, SchedulerClosed when draining."""
+        with self._lock:
+            if not self._accepting:
+                raise SchedulerClosed("the server is shutting down and takes no new requests")
+            if self._pending_new >= self.cfg.max_waiting:
+                raise QueueFull(
+                    f"waiting queue is full: {self._pending_new} requests waiting, "
+                    f"limit max_waiting={self.cfg.max_waiting}"
+                )
+            self._pending_new += 1
+            self._inbox.append(("submit", req))
+        self._wake.set()
+
+    def cancel(self, req: Request) -> None:
+        self._inbox.append(("cancel", req))
+        self._wake.set()
+
+    def open_session(self, idle_timeout_s: float | None = None, owner: Any = None) -> Session:
+        with self._lock:
+            if not self._accepting:
+                raise SchedulerClosed("the server is shutting down and takes no new sessions")
+            live = sum(1 for s in self.sessions.values() if not s.closed)
+            if live >= self.cfg.max_sessions:
+                raise QueueFull(f"too many open sessions: limit max_sessions={self.cfg.max_sessions}")
+            s = Session(idle_timeout_s or self.cfg.session_idle_timeout_s, owner)
+            self.sessions[s.session_id] = s
+        return s
+
+    def close_session(self, session: Session, reason: str = "client") -> None:
+        self._inbox.append(("close", session, reason))
+        self._wake.set()
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def finish_all(self, reason: str = FINISH_SHUTDOWN) -> None:
+        """End every waiting and running request with ``reason`` (next step) and close sessions."""
+        self._inbox.append(("finish_all", reason))
+        self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + self._pending_inbox()
+
+    def _pending_inbox(self) -> int:
+        return sum(1 for c in list(self._inbox) if c[0] == "submit")
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def kv_usage(self) -> float:
+        return float(self.allocator.usage())
+
+    def idle(self) -> bool:
+        return not self.running and not self.waiting and not self._inbox
+
+    # ---------------------------------------------------------------- engine thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="wafer-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        while not self._stop:
+            try:
+                self._wake.clear()  # before draining the inbox: a later submit re-sets it
+                self._apply_commands()
+                self._expire_sessions()
+                if not self.running and not self.waiting:
+                    self._wake.wait(0.05)
+                    continue
+                self.step()
+            except Exception as e:  # never leave streams hanging on an engine error
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {e}")
+
+    def step(self) -> None:
+        now = time.monotonic_ns()
+        for seq in list(self.running) + list(self.waiting):
+            r = seq.req
+            if r is not None and r.deadline_ns is not None and now >= r.deadline_ns:
+                self._finish(seq, FINISH_DEADLINE, None)
+
+        items: list = []
+        batch = self._decode(items)
+        if items:
+            self.publish(items)
+        items = []
+        n_prefill = self._prefill(items, decoding=batch > 0)
+        if items:
+            self.publish(items)
+        if batch == 0 and n_prefill == 0 and (self.waiting or self.running):
+            self._unstick()
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(batch, self._last_decode_ns, n_prefill)
+
+    # ---------------------------------------------------------------- commands
+
+    def _apply_commands(self) -> None:
+        while self._inbox:
+            cmd = self._inbox.popleft()
+            kind = cmd[0]
+            if kind == "submit":
+                self._admit_request(cmd[1])
+            elif kind == "cancel":
+                req = cmd[1]
+                if not req.done and req.seq is not None:
+                    self._finish(req.seq, FINISH_CANCELLED, None)
+                elif not req.done:  # cancelled before it was admitted (still in the inbox order)
+                    req.done = True
+            elif kind == "close":
+                self._close_session(cmd[1], cmd[2])
+            elif kind == "finish_all":
+                for seq in list(self.running) + list(self.waiting):
+                    self._finish(seq, cmd[1], None)
+                for s in list(self.sessions.values()):
+                    self._close_session(s, "shutdown")
+
+    def _admit_request(self, req: Request) -> None:
+        with self._lock:
+            self._pending_new -= 1
+        if req.done:  # cancelled while in the inbox
+            self.publish([(req, FinishEvent(FINISH_CANCELLED, SeqStats(arrival_ns=req.arrival_ns)))])
+            return
+        sess = req.session
+        if sess is not None:
+            if sess.closed:
+                req.done = True
+                self.publish([(req, FinishEvent(FINISH_CANCELLED, SeqStats(), error="session closed"))])
+                return
+            seq = sess.seq
+            if seq is None:
+                seq = sess.seq = Sequence(self.context_length, self.max_blocks)
+            old = seq.token_list()
+            if req.replace:
+                target = list(req.prompt)
+                common = 0
+                limit = min(seq.num_computed, len(target))
+                while common < limit and old[common] == target[common]:
+                    common += 1
+            else:
+                target = old + list(req.prompt)
+                common = seq.num_computed
+            if len(target) > self.context_length:
+                req.done = True
+                self.publish([(req, FinishEvent(FINISH_LENGTH, SeqStats(), error=(
+                    f"conversation of {len(target)} tokens exceeds the model's context of "
+                    f"{self.context_length}")))])
+                return
+            cached = min(common, len(target) - 1)
+            self._truncate(seq, cached)
+            seq.set_tokens(target)
+            sess.active = req
+            sess.last_active = time.monotonic()
+        else:
+            seq = Sequence(self.context_length, self.max_blocks)
+            seq.set_tokens(list(req.prompt))
+            cached = 0
+        self._begin_turn(seq, req, cached)
+        self.waiting.append(seq)
+
+    def _begin_turn(self, seq: Sequence, req: Request, cached: int) -> None:
+        from engine.sampling import Sampler, StopChecker
+
+        seq.req = req
+        req.seq = seq
+        seq.prompt_len = seq.n_tokens
+        seq.n_generated = 0
+        seq.sampler = Sampler(req.params, self.vocab_size)
+        seq.stopper = StopChecker(req.params, self.tokenizer, self.eos_id)
+        seq.prefilling = True
+        seq.scheduled = False
+        seq.stats = SeqStats(
+            prompt_tokens=seq.n_tokens,
+            cached_tokens=cached,
+            arrival_ns=req.arrival_ns,
+        )
+
+    def _truncate(self, seq: Sequence, n: int) -> None:
+        """Keep the KV of the first ``n`` tokens; free the blocks past them."""
+        seq.num_computed = min(seq.num_computed, n)
+        keep = math.ceil(seq.num_computed / self.block_size)
+        if len(seq.blocks) > keep:
+            self.allocator.free(seq.blocks[keep:])
+            del seq.blocks[keep:]
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+        seq.num_computed = 0
+
+    def _close_session(self, sess: Session, reason: str) -> None:
+        if sess.closed:
+            return
+        if sess.active is not None and not sess.active.done and sess.seq is not None:
+            self._finish(sess.seq, FINISH_CANCELLED if reason == "client" else FINISH_SHUTDOWN, None)
+        sess.closed = True
+        sess.close_reason = reason
+        if sess.seq is not None:
+            self._free(sess.seq)
+        self.sessions.pop(sess.session_id, None)
+        if reason != "client" and sess.owner is not None:
+            self.publish([(sess, SessionExpired(reason))])
+
+    def _expire_sessions(self) -> None:
+        if not self.sessions:
+            return
+        now = time.monotonic()
+        for s in list(self.sessions.values()):
+            idle = s.active is None or s.active.done
+            if idle and now - s.last_active > s.idle_timeout_s:
+                log.info("session %s idle for %.0f s: expired", s.session_id, now - s.last_active)
+                self._close_session(s, "idle")
+
+    # ---------------------------------------------------------------- blocks
+
+    def _ensure_blocks(self, seq: Sequence, n_tokens: int) -> bool:
+        """Make ``seq`` own enough blocks to hold ``n_tokens`` positions. False if the pool is dry."""
+        from engine.kv_cache import OutOfBlocks
+
+        need = math.ceil(n_tokens / self.block_size) - len(seq.blocks)
+        if need <= 0:
+            return True
+        try:
+            new = self.allocator.allocate(need)
+        except OutOfBlocks:
+            return False
+        start = len(seq.blocks)
+        seq.blocks.extend(new)
+        seq.table[start : start + len(new)] = new
+        return True
+
+    def _evict_idle_session(self) -> bool:
+        """Drop the KV of the least recently used idle session (it recomputes on its next turn)."""
+        idle = [
+            s for s in self.sessions.values()
+            if s.seq is not None and s.seq.blocks and (s.active is None or s.active.done)
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.last_active)
+        log.info("KV pool full: dropping the cache of idle session %s", victim.session_id)
+        self._free(victim.seq)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("KV pool full: preempting sequence %d (recompute later)", seq.seq_id)
+        self._free(seq)
+        seq.prefilling = True
+        seq.stats.preemptions += 1
+        self.preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _unstick(self) -> None:
+        """Nothing could run this step: free blocks so the oldest sequence can make progress."""
+        if self._evict_idle_session():
+            return
+        if len(self.running) > 1:
+            self._preempt(max(self.running, key=lambda s: s.stats.arrival_ns))
+            return
+        seq = self.running[0] if self.running else self.waiting[0]
+        if self.allocator.num_used == len(seq.blocks):  # it alone cannot fit
+            self._finish(seq, FINISH_ERROR, None, error=(
+                f"sequence of {seq.n_tokens} tokens does not fit the KV pool of "
+                f"{self.model.kv.num_blocks} blocks x {self.block_size} tokens"))
+
+    # ---------------------------------------------------------------- decode
+
+    _last_decode_ns = 0
+
+    def _decode(self, items: list) -> int:
+        ready = [s for s in self.running if not s.prefilling]
+        ready.sort(key=lambda s: s.stats.arrival_ns)
+        batch: list[Sequence] = []
+        for seq in ready:
+            if seq not in self.running:  # preempted for an older one in this loop
+                continue
+            while not self._ensure_blocks(seq, seq.n_tokens):
+                if self._evict_idle_session():
+                    continue
+                victims = [s for s in self.running if s not in batch]
+                victim = max(victims, key=lambda s: s.stats.arrival_ns)
+                self._preempt(victim)  # the newest loses its blocks, possibly seq itself
+                if victim is seq:
+                    break
+            else:
+                batch.append(seq)
+        self._last_decode_ns = 0
+        if not batch:
+            return 0
+        B = len(batch)
+        for i, seq in enumerate(batch):
+            self._tok[i] = seq.tokens[seq.n_tokens - 1]
+            self._pos[i] = seq.n_tokens - 1
+            self._bt[i] = seq.table
+        t0 = time.monotonic_ns()
+        logits = self.model.decode(self._tok[:B], self._pos[:B], self._bt[:B])
+        t1 = time.monotonic_ns()
+        dt = t1 - t0
+        self._last_decode_ns = dt
+        self.decode_ns_total += dt
+        self.last_batch_size = B
+        self.max_batch_seen = max(self.max_batch_seen, B)
+        for i, seq in enumerate(batch):
+            seq.num_computed = seq.n_tokens
+            if seq.stats.max_batch_size < B:
+                seq.stats.max_batch_size = B
+            self._sample_and_emit(seq, logits[i], dt, B, items)
+        return B
+
+    # ---------------------------------------------------------------- prefill
+
+    def _prefill(self, items: list, decoding: bool) -> int:
+        budget = self.cfg.prefill_chunk if decoding else self.cfg.prefill_budget_idle
+        done = 0
+        # continue chunked prefills of running sequences first, then admit waiting ones
+        queue = [s for s in self.running if s.prefilling]
+        while budget > 0:
+            if queue:
+                seq = queue.pop(0)
+            elif self.waiting and len(self.running) < self.cfg.max_batch:
+                seq = self.waiting[0]
+            else:
+                break
+            remaining = seq.n_tokens - seq.num_computed
+            n = min(remaining, budget)
+            if not self._ensure_blocks(seq, seq.num_computed + n):
+                if seq in self.waiting and self._evict_idle_session():
+                    if not self._ensure_blocks(seq, seq.num_computed + n):
+                        break
+                else:
+                    break
+            if seq in self.waiting:
+                self.waiting.popleft()
+                self.running.append(seq)
+                if not seq.scheduled:
+                    seq.scheduled = True
+                    seq.stats.queue_ns = time.monotonic_ns() - seq.stats.arrival_ns
+            start = seq.num_computed
+            toks = seq.tokens[start : start + n]
+            t0 = time.monotonic_ns()
+            logits = self.model.prefill(toks, seq.table, start)
+            dt = time.monotonic_ns() - t0
+            seq.num_computed = start + n
+            seq.stats.prefill_tokens += n
+            seq.stats.prefill_ns += dt
+            budget -= n
+            done += n
+            if seq.num_computed == seq.n_tokens:
+                seq.prefilling = False
+                if seq.stats.max_batch_size < 1:
+                    seq.stats.max_batch_size = 1
+                self._sample_and_emit(seq, logits, dt, 1, items)
+        return done
+
+    # ---------------------------------------------------------------- sampling / finishing
+
+    def _sample_and_emit(self, seq: Sequence, logits: np.ndarray, step_ns: int, batch: int,
+                         items: list) -> None:
+        req = seq.req
+        history = seq.tokens[: seq.n_tokens]
+        tok = int(seq.sampler.sample(logits, history))
+        lp = top = None
+        n_lp = int(getattr(req.params, "logprobs", 0) or 0)
+        if n_lp > 0:
+            from engine.sampling import logprobs_topn
+
+            lp, top = logprobs_topn(logits, tok, n_lp)
+        seq.append(tok)
+        seq.n_generated += 1
+        text, finished = seq.stopper.push(tok)
+        now = time.monotonic_ns()
+        st = seq.stats
+        if st.first_token_ns == 0:
+            st.first_token_ns = now
+        st.completion_tokens = seq.n_generated
+        items.append((req, TokenEvent(tok, text, seq.n_generated - 1, step_ns, batch, now, lp, top)))
+        if finished is None and seq.n_tokens >= self.context_length:
+            finished = FINISH_LENGTH
+        if finished is not None:
+            self._finish(seq, finished, items)
+
+    def _finish(self, seq: Sequence, reason: str, items: list, error: str | None = None) -> None:
+        req = seq.req
+        if req is None or req.done:
+            return
+        req.done = True
+        st = seq.stats
+        st.finish_ns = time.monotonic_ns()
+        tail = ""
+        if reason == FINISH_LENGTH and seq.stopper is not None and hasattr(seq.stopper, "flush"):
+            tail = seq.stopper.flush() or ""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        sess = req.session
+        if sess is None:
+            self._free(seq)
+        else:
+            sess.active = None
+            sess.last_active = time.monotonic()
+            # keep the blocks: the next turn reuses them. A half-prefilled sequence keeps what it has.
+            if seq.num_computed > seq.n_tokens:
+                seq.num_computed = seq.n_tokens
+        seq.req = None
+        ev = FinishEvent(reason, st, error, tail)
+        if items is None:
+            self.publish([(req, ev)])
+        else:
+            items.append((req, ev))
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.running) + list(self.waiting):
+            try:
+                self._finish(seq, FINISH_ERROR, None, error=message)
+            except Exception:
+                log.exception("while failing a sequence")
+            self._free(seq)
+        self.running.clear()
+        self.waiting.clear()
+

@@ -1,0 +1,273 @@
+"""The wafer gRPC server: model runtimes (one engine thread each), grpc.aio, health, reflection,
+metrics, graceful drain.
+
+    server = WaferServer(Registry.builtin(), ServerOptions(port=50051, metrics_port=9400))
+    await server.start()          # binds, starts loading models (health NOT_SERVING)
+    await server.wait_ready()     # models loaded and warmed (health SERVING)
+    await server.drain()          # SIGTERM: stop taking work, let streams finish, then cancel
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine import scheduler as sch
+from engine.server.metrics import Metrics
+from engine.server.registry import ModelEntry, Registry
+from engine.server.servicer import SERVICE_NAME, WaferServicer, make_publisher
+from protos import wafer_pb2, wafer_pb2_grpc
+
+log = logging.getLogger("wafer.server")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# Keepalive: the server pings idle connections every 60 s; clients may ping as often as every
+# 10 s even with no call in flight and are never punished for it (max_ping_strikes=0), so a
+# client waiting through a long prefill keeps its connection.
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051                 # 0 = pick a free port
+    metrics_port: int | None = 9400   # None = no metrics endpoint; 0 = pick a free port
+    grace_s: float = 10.0             # SIGTERM: how long running streams may finish
+    session_idle_timeout_s: float = 300.0
+    emulate: str = ""                 # override every model's emulation target
+    pace: str = "realtime"
+    threads: int | None = None        # Numba threads
+
+
+class ModelRuntime:
+    """A loaded model and its scheduler, owned by one engine thread."""
+
+    def __init__(self, entry: ModelEntry, options: ServerOptions, metrics: Metrics | None,
+                 emulate: str = ""):
+        self.entry = entry
+        self.options = options
+        self.metrics = metrics
+        self.emulate = emulate
+        self.model = None
+        self.scheduler: sch.Scheduler | None = None
+        self.emulator = None
+        self.error: BaseException | None = None
+        self.loaded = threading.Event()
+        self.load_seconds = 0.0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.loaded.is_set() and self.error is None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.model.kv.num_blocks * self.model.kv.block_size
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name=f"wafer-engine-{self.entry.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        """Engine thread: load + warm the model, then run the batching loop until stopped."""
+        try:
+            from engine.fetch import resolve_model
+            from engine.model import Model
+
+            t0 = time.perf_counter()
+            e = self.entry
+            model = Model.load(resolve_model(e.path), max_batch=e.max_batch, kv_blocks=e.kv_blocks,
+                               block_size=e.block_size, threads=self.options.threads)
+            model.warmup()
+            if self.emulate:
+                from engine.server.emulation import Emulator
+
+                self.emulator = Emulator(self.emulate, self.options.pace)
+            cfg = sch.SchedulerConfig(
+                max_batch=e.max_batch, max_waiting=e.max_waiting, prefill_chunk=e.prefill_chunk,
+                session_idle_timeout_s=self.options.session_idle_timeout_s)
+            on_step = self.metrics.step_observer(e.name) if self.metrics else None
+            self.scheduler = sch.Scheduler(model, cfg, publish=make_publisher(), on_step=on_step)
+            self.model = model
+            if self.metrics:
+                self.metrics.bind_scheduler(e.name, self.scheduler)
+            self.load_seconds = time.perf_counter() - t0
+        except BaseException as exc:  # reported by wait_ready
+            log.exception("loading model %r failed", self.entry.name)
+            self.error = exc
+            self.loaded.set()
+            return
+        self.loaded.set()
+        self.scheduler.run()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.scheduler is not None:
+            self.scheduler._stop = True
+            self.scheduler._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class WaferServer:
+    def __init__(self, registry: Registry, options: ServerOptions | None = None):
+        self.registry = registry
+        self.options = options or ServerOptions()
+        self.metrics = Metrics() if self.options.metrics_port is not None else None
+        self.runtimes: dict[tuple, ModelRuntime] = {}
+        for e in registry.served():
+            key = e.engine_key() + (self.emulate_target(e),)
+            if key not in self.runtimes:
+                self.runtimes[key] = ModelRuntime(e, self.options, self.metrics, self.emulate_target(e))
+        self._rt_by_name = {}
+        for e in registry.served():
+            self._rt_by_name[e.name] = self.runtimes[e.engine_key() + (self.emulate_target(e),)]
+        self.draining = False
+        self.servicer = WaferServicer(self)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stopped = asyncio.Event()
+
+    def emulate_target(self, entry: ModelEntry) -> str:
+        return self.options.emulate or entry.emulate
+
+    def runtime_for(self, entry: ModelEntry) -> ModelRuntime | None:
+        return self._rt_by_name.get(entry.name)
+
+    @property
+    def address(self) -> str:
+        return f"{self.options.host}:{self.port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        wafer_pb2_grpc.add_WaferServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            wafer_pb2.DESCRIPTOR.services_by_name["Wafer"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
+        await server.start()
+        self.grpc_server = server
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
+        log.info("listening on %s (metrics %s); loading %d model(s)", self.address,
+                 f"http://{self.options.host}:{self.metrics_port}/metrics" if self.metrics else "off",
+                 len(self.runtimes))
+        for rt in self.runtimes.values():
+            rt.start()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until every model is loaded and warmed; then health says SERVING."""
+        t0 = time.monotonic()
+        for rt in self.runtimes.values():
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+            ok = await asyncio.to_thread(rt.loaded.wait, left)
+            if not ok:
+                raise TimeoutError(f"model {rt.entry.name!r} not loaded within {timeout} s")
+            if rt.error is not None:
+                raise RuntimeError(f"model {rt.entry.name!r} failed to load: {rt.error}") from rt.error
+        for svc in ("", SERVICE_NAME):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        for rt in self.runtimes.values():
+            log.info("model %s ready in %.1f s (%s)%s", rt.entry.name, rt.load_seconds,
+                     rt.config.quantization,
+                     f", emulating {rt.emulate} pace={self.options.pace}" if rt.emulate else "")
+        log.info("ready: serving %s on %s", ", ".join(e.name for e in self.registry.served()),
+                 self.address)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let running streams finish within the grace period, then end them
+        (each gets a final message with finish_reason "shutdown"), then stop the server."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        grace = self.options.grace_s if grace_s is None else grace_s
+        log.info("draining: no new requests; %.1f s grace for %d running stream(s)", grace,
+                 self.servicer.active_streams)
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        scheds = [rt.scheduler for rt in self.runtimes.values() if rt.scheduler is not None]
+        for s in scheds:
+            s.stop_accepting()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            busy = any(s.running or s.waiting or s._inbox for s in scheds)
+            if not busy:
+                break
+            await asyncio.sleep(0.02)
+        for s in scheds:
+            s.finish_all(sch.FINISH_SHUTDOWN)
+        # let the handlers send their final messages
+        deadline = time.monotonic() + 2.0
+        while self.servicer.active_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self.stop(grace=0.5)
+
+    async def stop(self, grace: float | None = 0.0) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+        for rt in self.runtimes.values():
+            await asyncio.to_thread(rt.stop)
+        if self.metrics is not None:
+            self.metrics.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(registry: Registry, options: ServerOptions, ready_file: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns a process exit code."""
+    server = WaferServer(registry, options)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s", signal.Signals(s).name),
+                                                    asyncio.ensure_future(server.drain())))
+    try:
+        await server.wait_ready()
+    except (RuntimeError, TimeoutError) as e:
+        log.error("%s", e)
+        await server.stop()
+        return 1
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write(f"{server.port} {server.metrics_port}\n")
+    await server.wait_stopped()
+    return 0

@@ -1,0 +1,97 @@
+"""`wafer serve` and `wafer chat` (`wafer generate --server` lives in engine/generate_cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC token-streaming server")
+    p.add_argument("--config", metavar="REGISTRY.toml", help="model registry (default: smollm2-135m)")
+    p.add_argument("--model", help="serve this one model (known name or .gguf path) instead of a registry")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics port (default 9400; -1 = off)")
+    p.add_argument("--grace", type=float, default=None, help="SIGTERM drain grace period, s (default 10)")
+    p.add_argument("--session-idle-timeout", type=float, default=None,
+                   help="idle sessions expire after this many seconds (default 300)")
+    p.add_argument("--emulate", default=None, metavar="HW:MODEL",
+                   help="stamp/pace tokens on a simulated wafer, e.g. wse3:llama-3.1-8b")
+    p.add_argument("--pace", choices=("realtime", "none"), default=None,
+                   help="with --emulate: release tokens at their simulated time (realtime) or only stamp them")
+    p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=serve_cmd)
+
+    c = sub.add_parser("chat", help="interactive persistent session with a running server")
+    c.add_argument("--server", required=True, metavar="HOST:PORT")
+    c.add_argument("--model", default="", help="model name (default: the server's default)")
+    c.add_argument("--max-tokens", type=int, default=None)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--json", action="store_true", help="one JSON object per token, then a summary per turn")
+    c.set_defaults(func=chat_cmd)
+
+
+def serve_cmd(args: argparse.Namespace) -> int:
+    from engine.server.app import ServerOptions, serve
+    from engine.server.registry import ModelEntry, Registry, RegistryError
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.model:
+            registry = Registry([ModelEntry(name=args.model, path=args.model)], default=args.model)
+        elif args.config:
+            registry = Registry.from_toml(args.config)
+        else:
+            registry = Registry.builtin()
+    except (RegistryError, OSError) as e:
+        print(f"wafer serve: error: {e}", file=sys.stderr)
+        return 2
+    conf = registry.server
+    pick = lambda flag, key, default: flag if flag is not None else conf.get(key, default)  # noqa: E731
+    metrics_port = pick(args.metrics_port, "metrics_port", 9400)
+    options = ServerOptions(
+        host=pick(args.host, "host", "127.0.0.1"),
+        port=pick(args.port, "port", 50051),
+        metrics_port=None if metrics_port is not None and metrics_port < 0 else metrics_port,
+        grace_s=pick(args.grace, "grace_s", 10.0),
+        session_idle_timeout_s=pick(args.session_idle_timeout, "session_idle_timeout_s", 300.0),
+        emulate=pick(args.emulate, "emulate", ""),
+        pace=pick(args.pace, "pace", "realtime"),
+        threads=pick(args.threads, "threads", None),
+    )
+    from engine.fetch import ModelNotFound, resolve_model
+
+    for e in registry.served():
+        try:
+            resolve_model(e.path)
+        except ModelNotFound as err:
+            print(f"wafer serve: error: model {e.name!r}: {err}", file=sys.stderr)
+            return 2
+    if options.emulate or any(e.emulate for e in registry.served()):
+        from engine.server.emulation import EmulationError, Emulator
+
+        for target in ({options.emulate} | {e.emulate for e in registry.served()}) - {""}:
+            try:
+                Emulator(target, options.pace)
+            except EmulationError as err:
+                print(f"wafer serve: error: {err}", file=sys.stderr)
+                return 2
+    try:
+        return asyncio.run(serve(registry, options, args.ready_file))
+    except OSError as e:
+        print(f"wafer serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def chat_cmd(args: argparse.Namespace) -> int:
+    from engine.server.client import chat_cli
+
+    return chat_cli(args)

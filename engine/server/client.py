@@ -1,0 +1,414 @@
+"""Python clients for `wafer serve` (sync and asyncio): stream tokens, then the final usage.
+
+    from engine.server.client import WaferClient
+    with WaferClient("127.0.0.1:50051") as c:
+        for item in c.generate("What is the capital of France?", max_tokens=32, temperature=0):
+            if isinstance(item, Token):
+                print(item.text, end="", flush=True)
+            else:                      # Completion: finish_reason, usage, emulation
+                print("\\n", item.usage)
+
+    async with AsyncWaferClient("127.0.0.1:50051") as c:
+        async for item in c.generate(messages=[{"role": "user", "content": "Hi"}]):
+            ...
+
+Sessions keep the conversation's KV cache on the server between turns::
+
+    with c.session() as s:
+        text, done = s.say("My name is Ada.")
+        text, done = s.say("What is my name?")    # done.usage["cached_tokens"] > 0
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
+
+import grpc
+
+from protos import wafer_pb2 as pb
+from protos import wafer_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class Token:
+    id: int
+    text: str                 # text delta released with this token ("" while held back)
+    index: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    engine_step_ns: int = 0
+    batch_size: int = 0
+    sim_time_us: int | None = None
+    late_us: int | None = None
+    received_ns: int = 0      # client monotonic time the message arrived
+
+
+@dataclass
+class Completion:
+    finish_reason: str
+    usage: dict[str, Any]
+    emulation: dict[str, Any] | None = None
+    text: str = ""            # text that came after the last token (held-back stop prefix)
+    trailing_metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _usage(u: pb.Usage) -> dict[str, Any]:
+    return {f.name: getattr(u, f.name) for f in u.DESCRIPTOR.fields}
+
+
+def _final(f: pb.Final) -> Completion:
+    emu = None
+    if f.HasField("emulation"):
+        emu = {fd.name: getattr(f.emulation, fd.name) for fd in f.emulation.DESCRIPTOR.fields}
+    return Completion(f.finish_reason, _usage(f.usage), emu)
+
+
+def _tokens(c: pb.TokenChunk, received_ns: int) -> list[Token]:
+    """Split a chunk into tokens; the chunk's text goes with its last token."""
+    n = len(c.token_ids)
+    out = []
+    for i, tid in enumerate(c.token_ids):
+        t = Token(tid, c.text if i == n - 1 else "", c.index + i, engine_step_ns=c.engine_step_ns,
+                  batch_size=c.batch_size, received_ns=received_ns)
+        if i < len(c.logprobs):
+            t.logprob = c.logprobs[i].logprob
+            t.top_logprobs = [(x.id, x.logprob) for x in c.logprobs[i].top]
+        if i < len(c.sim_time_us):
+            t.sim_time_us = c.sim_time_us[i]
+        if i < len(c.late_us):
+            t.late_us = c.late_us[i]
+        out.append(t)
+    return out
+
+
+def sampling(**kw) -> pb.SamplingParams:
+    """Build SamplingParams from keyword arguments; None leaves a field at the server default."""
+    sp = pb.SamplingParams()
+    for k, v in kw.items():
+        if v is None:
+            continue
+        if k in ("stop", "stop_token_ids"):
+            getattr(sp, k).extend(v)
+        else:
+            setattr(sp, k, v)
+    return sp
+
+
+def _input(msg, prompt=None, messages=None, token_ids=None) -> None:
+    if messages is not None:
+        msg.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    elif token_ids is not None:
+        msg.token_ids.ids.extend(token_ids)
+    elif prompt is not None:
+        msg.text = prompt
+
+
+def generate_request(prompt: str | None = None, *, messages: list[dict] | None = None,
+                     token_ids: list[int] | None = None, model: str = "", coalesce: int = 1,
+                     request_id: str = "", **sampling_kw) -> pb.GenerateRequest:
+    """``prompt`` is raw text (no chat template); pass ``messages`` for chat."""
+    req = pb.GenerateRequest(model=model, coalesce_tokens=coalesce, request_id=request_id,
+                             sampling=sampling(**sampling_kw))
+    _input(req, prompt, messages, token_ids)
+    return req
+
+
+def _md(call) -> dict[str, str]:
+    try:
+        return {k: v for k, v in (call.trailing_metadata() or ())}
+    except Exception:
+        return {}
+
+
+# ------------------------------------------------------------------------------- sync
+
+
+class WaferClient:
+    def __init__(self, target: str, *, timeout: float | None = None):
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.WaferStub(self.channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server's health check says SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service="wafer.v1.Wafer"), timeout=1.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.target} not SERVING after {timeout} s")
+            time.sleep(0.1)
+
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                 **kw) -> Iterator[Token | Completion]:
+        """Yield Token objects as they stream, then one Completion. Raises grpc.RpcError."""
+        call = self.stub.Generate(generate_request(prompt, **kw), timeout=timeout or self.timeout)
+        try:
+            for resp in call:
+                now = time.monotonic_ns()
+                if resp.HasField("chunk"):
+                    yield from _tokens(resp.chunk, now)
+                else:
+                    done = _final(resp.final)
+                    done.trailing_metadata = _md(call)
+                    yield done
+        finally:
+            call.cancel()  # a consumer that stops early frees the server-side sequence
+
+    def complete(self, prompt: str | None = None, **kw) -> tuple[str, Completion]:
+        """The whole text and the Completion."""
+        parts, done = [], None
+        for item in self.generate(prompt, **kw):
+            if isinstance(item, Token):
+                parts.append(item.text)
+            else:
+                done = item
+        return "".join(parts), done
+
+    def session(self, model: str = "", idle_timeout_s: int = 0) -> "SyncSession":
+        return SyncSession(self, model, idle_timeout_s)
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=10).models)
+
+    def get_model(self, name: str) -> pb.ModelInfo:
+        return self.stub.GetModel(pb.GetModelRequest(name=name), timeout=10)
+
+    def tokenize(self, text: str | None = None, *, messages=None, model: str = "") -> list[int]:
+        req = pb.TokenizeRequest(model=model)
+        _input(req, text, messages)
+        return list(self.stub.Tokenize(req, timeout=10).ids)
+
+
+class SessionError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class SyncSession:
+    """A persistent conversation over one bidirectional stream."""
+
+    def __init__(self, client: WaferClient, model: str = "", idle_timeout_s: int = 0):
+        self._out: queue.Queue = queue.Queue()
+        self._out.put(pb.SessionRequest(open=pb.SessionOpen(model=model, idle_timeout_s=idle_timeout_s)))
+        self._call = client.stub.Session(iter(self._out.get, None), timeout=client.timeout)
+        first = next(self._call)
+        self.session_id = first.opened.session_id
+        self.model = first.opened.model
+        self._n = 0
+        self.closed_reason = ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def turn(self, prompt: str | None = None, *, messages=None, token_ids=None, coalesce: int = 1,
+             turn_id: str | None = None, **sampling_kw) -> Iterator[Token | Completion]:
+        self._n += 1
+        tid = turn_id or f"t{self._n}"
+        t = pb.Turn(turn_id=tid, coalesce_tokens=coalesce, sampling=sampling(**sampling_kw))
+        _input(t, prompt, messages, token_ids)
+        self._out.put(pb.SessionRequest(turn=t))
+        for resp in self._call:
+            kind = resp.WhichOneof("kind")
+            if kind == "chunk":
+                yield from _tokens(resp.chunk, time.monotonic_ns())
+            elif kind == "final":
+                yield _final(resp.final)
+                return
+            elif kind == "error":
+                raise SessionError(resp.error.code, resp.error.message)
+            elif kind == "closed":
+                self.closed_reason = resp.closed.reason
+                raise SessionError("CLOSED", f"session closed by the server ({resp.closed.reason})")
+
+    def say(self, content: str, **kw) -> tuple[str, Completion]:
+        """One chat turn (a user message); returns the reply text and its Completion."""
+        parts, done = [], None
+        for item in self.turn(messages=[{"role": "user", "content": content}], **kw):
+            if isinstance(item, Token):
+                parts.append(item.text)
+            else:
+                done = item
+        return "".join(parts), done
+
+    def cancel(self, turn_id: str = "") -> None:
+        self._out.put(pb.SessionRequest(cancel=pb.CancelTurn(turn_id=turn_id)))
+
+    def close(self) -> None:
+        if self._call is None:
+            return
+        self._out.put(pb.SessionRequest(close=pb.CloseSession()))
+        self._out.put(None)
+        try:
+            for resp in self._call:
+                if resp.WhichOneof("kind") == "closed":
+                    self.closed_reason = resp.closed.reason
+        except grpc.RpcError:
+            pass
+        self._call = None
+
+
+# ------------------------------------------------------------------------------- asyncio
+
+
+class AsyncWaferClient:
+    def __init__(self, target: str, *, timeout: float | None = None):
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.WaferStub(self.channel)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **kw) -> AsyncIterator[Token | Completion]:
+        call = self.stub.Generate(generate_request(prompt, **kw), timeout=timeout or self.timeout)
+        try:
+            async for resp in call:
+                now = time.monotonic_ns()
+                if resp.HasField("chunk"):
+                    for t in _tokens(resp.chunk, now):
+                        yield t
+                else:
+                    done = _final(resp.final)
+                    md = await call.trailing_metadata()
+                    done.trailing_metadata = {k: v for k, v in (md or ())}
+                    yield done
+        finally:
+            call.cancel()
+
+    async def complete(self, prompt: str | None = None, **kw) -> tuple[str, Completion]:
+        parts, done = [], None
+        async for item in self.generate(prompt, **kw):
+            if isinstance(item, Token):
+                parts.append(item.text)
+            else:
+                done = item
+        return "".join(parts), done
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        return list((await self.stub.ListModels(pb.ListModelsRequest(), timeout=10)).models)
+
+
+# ------------------------------------------------------------------------------- CLI glue
+
+
+def generate_cli_remote(args) -> int:
+    """`wafer generate --server HOST:PORT ...`: same output as the local mode."""
+    from engine.generate_cli import emit, emit_summary
+
+    kw = dict(model=args.model if args.model != "smollm2-135m" else "", max_tokens=args.max_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              min_p=getattr(args, "min_p", None),
+              repetition_penalty=getattr(args, "repetition_penalty", None), seed=args.seed,
+              stop=list(getattr(args, "stop", []) or []))
+    if args.raw:
+        kw["prompt"] = args.prompt
+    else:
+        kw["messages"] = [{"role": "user", "content": args.prompt}]
+    try:
+        with WaferClient(args.server) as client:
+            for item in client.generate(**kw):
+                if isinstance(item, Token):
+                    emit(args, item.id, item.text)
+                else:
+                    if item.text and not args.json:
+                        sys.stdout.write(item.text)
+                    u = item.usage
+                    n = u["completion_tokens"]
+                    decode_s = u["mean_itl_ms"] * (n - 1) / 1e3
+                    tok_s = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+                    emit_summary(args, u["prompt_tokens"], n, u["ttft_ms"], tok_s, item.finish_reason)
+    except grpc.RpcError as e:
+        print(f"wafer generate: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def chat_cli(args) -> int:
+    """`wafer chat --server HOST:PORT`: an interactive persistent session (stdin lines)."""
+    interactive = sys.stdin.isatty()
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    try:
+        with WaferClient(args.server) as client, client.session(args.model) as s:
+            if interactive:
+                print(f"session {s.session_id} with {s.model}; empty line or Ctrl-D to quit",
+                      file=sys.stderr)
+            while True:
+                if interactive:
+                    sys.stderr.write("> ")
+                    sys.stderr.flush()
+                line = sys.stdin.readline()
+                if not line or (interactive and not line.strip()):
+                    break
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                done = None
+                for item in s.turn(messages=[{"role": "user", "content": line}], **kw):
+                    if isinstance(item, Token):
+                        if args.json:
+                            print(json.dumps({"id": item.id, "text": item.text}), flush=True)
+                        else:
+                            sys.stdout.write(item.text)
+                            sys.stdout.flush()
+                    else:
+                        done = item
+                u = done.usage
+                if args.json:
+                    print(json.dumps({"finish_reason": done.finish_reason, **u}), flush=True)
+                else:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    print(f"[{u['completion_tokens']} tokens, {done.finish_reason}; prompt "
+                          f"{u['prompt_tokens']} ({u['cached_tokens']} reused); TTFT "
+                          f"{u['ttft_ms']:.1f} ms]", file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"wafer chat: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    except SessionError as e:
+        print(f"wafer chat: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,102 @@
+"""Prometheus metrics, vLLM-style names with a ``wafer_`` prefix, served on their own port.
+
+Each server owns a private ``CollectorRegistry`` (several servers can live in one process, as in
+the tests). Histogram buckets follow vLLM's for latencies in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                40.0, 50.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        L = ["model_name"]
+        self.ttft = Histogram("wafer_time_to_first_token_seconds",
+                              "Time from request arrival to its first token sent.", L,
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("wafer_inter_token_latency_seconds",
+                             "Time between consecutive tokens sent on one stream.", L,
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("wafer_e2e_request_latency_seconds",
+                             "Time from request arrival to its final message.", L,
+                             buckets=_E2E_BUCKETS, registry=r)
+        self.queue = Histogram("wafer_request_queue_time_seconds",
+                               "Time a request waited before it was first scheduled.", L,
+                               buckets=_TTFT_BUCKETS, registry=r)
+        self.prefill_time = Histogram("wafer_request_prefill_time_seconds",
+                                      "Engine time spent prefilling a request.", L,
+                                      buckets=_TTFT_BUCKETS, registry=r)
+        self.step_time = Histogram("wafer_engine_step_seconds",
+                                   "Engine time of one batched decode step.", L,
+                                   buckets=_ITL_BUCKETS, registry=r)
+        self.batch_size = Histogram("wafer_batch_size",
+                                    "Sequences advanced by one decode step.", L,
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("wafer_prompt_tokens",
+                                     "Prompt tokens of finished requests.", L, registry=r)
+        self.generation_tokens = Counter("wafer_generation_tokens",
+                                         "Tokens generated.", L, registry=r)
+        self.cached_tokens = Counter("wafer_prefix_cache_hit_tokens",
+                                     "Prompt tokens served from a session's KV cache.", L, registry=r)
+        self.request_success = Counter("wafer_request_success",
+                                       "Finished requests by finish reason.",
+                                       L + ["finished_reason"], registry=r)
+        self.request_errors = Counter("wafer_request_errors",
+                                      "Requests refused or failed, by gRPC status code.",
+                                      L + ["code"], registry=r)
+        self.preemptions = Counter("wafer_num_preemptions",
+                                   "Sequences preempted (KV freed, recomputed later).", L, registry=r)
+        self.running = Gauge("wafer_num_requests_running",
+                             "Requests in the running batch.", L, registry=r)
+        self.waiting = Gauge("wafer_num_requests_waiting",
+                             "Requests waiting to be scheduled.", L, registry=r)
+        self.kv_usage = Gauge("wafer_kv_cache_usage_perc",
+                              "Fraction of KV-cache blocks in use (0..1).", L, registry=r)
+        self.sessions = Gauge("wafer_num_sessions", "Open persistent sessions.", L, registry=r)
+        self.emulation_lateness = Histogram("wafer_emulation_token_lateness_seconds",
+                                            "How late each token left vs the simulated wafer schedule.",
+                                            L, buckets=_ITL_BUCKETS, registry=r)
+        self._http = None
+
+    def bind_scheduler(self, model_name: str, scheduler) -> None:
+        """Gauges read live from a scheduler (its counters are plain ints, safe to read)."""
+        self.running.labels(model_name).set_function(lambda: scheduler.num_running)
+        self.waiting.labels(model_name).set_function(lambda: scheduler.num_waiting)
+        self.kv_usage.labels(model_name).set_function(scheduler.kv_usage)
+        self.sessions.labels(model_name).set_function(lambda: len(scheduler.sessions))
+
+    def step_observer(self, model_name: str) -> Callable[[int, int, int], None]:
+        """A Scheduler ``on_step`` hook recording batch size and step time (engine thread)."""
+        batch = self.batch_size.labels(model_name)
+        step = self.step_time.labels(model_name)
+
+        def on_step(batch_size: int, decode_ns: int, prefill_tokens: int) -> None:
+            if batch_size:
+                batch.observe(batch_size)
+                step.observe(decode_ns / 1e9)
+
+        return on_step
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start the /metrics HTTP endpoint; return the bound port (``port=0`` picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

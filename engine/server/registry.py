@@ -1,0 +1,202 @@
+"""The model registry: which models the server offers, under which names, and their lifecycle.
+
+Read from a TOML file (``wafer serve --config registry.toml``) or the built-in default, which
+serves smollm2-135m. Example::
+
+    default = "smollm2-135m"          # model used when a request names none
+
+    [server]                           # optional; command-line flags win
+    port = 50051
+    metrics_port = 9400
+    session_idle_timeout_s = 300
+    grace_s = 10
+
+    [[models]]
+    name = "smollm2-135m"
+    path = "smollm2-135m"              # a known model name or a .gguf path
+    aliases = ["smollm2", "default"]
+    max_batch = 64                     # engine limits (optional)
+    max_waiting = 256
+    emulate = "wse3:llama-3.1-8b"      # optional: stamp/pace tokens on a simulated wafer
+
+    [[models]]
+    name = "smollm2-135m-2024"
+    path = "smollm2-135m"
+    status = "deprecated"              # still served; responses carry deprecation metadata
+    sunset = "2027-06-30"              # after this date it is treated as retired
+    successor = "smollm2-135m"
+
+    [[models]]
+    name = "gpt-2"
+    status = "retired"                 # refused with FAILED_PRECONDITION naming the successor
+    successor = "smollm2-135m"
+
+Entries with the same ``path`` and engine settings share one loaded model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIVE, DEPRECATED, RETIRED = "active", "deprecated", "retired"
+STATUSES = (ACTIVE, DEPRECATED, RETIRED)
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class RegistryError(ValueError):
+    """A malformed registry file."""
+
+
+class UnknownModel(KeyError):
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"model={self.name!r} is not served here; known models: {', '.join(self.known)}"
+
+
+class RetiredModel(Exception):
+    def __init__(self, entry: "ModelEntry"):
+        self.entry = entry
+
+    def __str__(self) -> str:
+        e = self.entry
+        msg = f"model={e.name!r} is retired"
+        if e.sunset:
+            msg += f" (since {e.sunset})"
+        if e.successor:
+            msg += f"; use its successor {e.successor!r}"
+        return msg
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: str = ""                      # known model name or .gguf path; may be empty if retired
+    aliases: tuple[str, ...] = ()
+    status: str = ACTIVE
+    sunset: str = ""                    # ISO date
+    successor: str = ""
+    emulate: str = ""                   # "wse3:llama-3.1-8b"
+    max_batch: int = 64
+    max_waiting: int = 256
+    kv_blocks: int | None = None
+    block_size: int = 16
+    prefill_chunk: int = 64
+
+    def engine_key(self) -> tuple:
+        """Entries with equal keys share one loaded model and scheduler."""
+        return (self.path, self.max_batch, self.max_waiting, self.kv_blocks, self.block_size,
+                self.prefill_chunk)
+
+    def effective_status(self, today: _dt.date | None = None) -> str:
+        if self.status == DEPRECATED and self.sunset:
+            today = today or _dt.date.today()
+            if _dt.date.fromisoformat(self.sunset) <= today:
+                return RETIRED
+        return self.status
+
+    def deprecation_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata carried by every response of a deprecated model."""
+        if self.status != DEPRECATED:
+            return ()
+        md = [("wafer-deprecated", "true")]
+        if self.sunset:
+            md.append(("wafer-sunset", self.sunset))
+        if self.successor:
+            md.append(("wafer-successor", self.successor))
+        return tuple(md)
+
+
+_ENTRY_FIELDS = {f for f in ModelEntry.__dataclass_fields__}
+
+
+@dataclass
+class Registry:
+    entries: list[ModelEntry]
+    default: str = DEFAULT_MODEL
+    server: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_name: dict[str, ModelEntry] = {}
+        for e in self.entries:
+            if e.status not in STATUSES:
+                raise RegistryError(f"model {e.name!r}: status={e.status!r}; expected one of {STATUSES}")
+            if e.status != RETIRED and not e.path:
+                raise RegistryError(f"model {e.name!r}: a {e.status} model needs a path")
+            if e.sunset:
+                try:
+                    _dt.date.fromisoformat(e.sunset)
+                except ValueError:
+                    raise RegistryError(f"model {e.name!r}: sunset={e.sunset!r} is not an ISO date") from None
+            for n in (e.name, *e.aliases):
+                if n in self._by_name:
+                    raise RegistryError(f"name {n!r} is used by two models")
+                self._by_name[n] = e
+        for e in self.entries:
+            if e.successor and e.successor not in self._by_name:
+                raise RegistryError(f"model {e.name!r}: successor {e.successor!r} is not in the registry")
+        if self.entries and self.default not in self._by_name:
+            raise RegistryError(f"default={self.default!r} is not in the registry")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def builtin(cls) -> "Registry":
+        return cls([ModelEntry(name=DEFAULT_MODEL, path=DEFAULT_MODEL, aliases=("smollm2",))])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Registry":
+        entries = []
+        for i, raw in enumerate(data.get("models", [])):
+            unknown = set(raw) - _ENTRY_FIELDS
+            if unknown:
+                raise RegistryError(f"models[{i}]: unknown keys {sorted(unknown)}")
+            if "name" not in raw:
+                raise RegistryError(f"models[{i}]: missing name")
+            raw = dict(raw)
+            raw["aliases"] = tuple(raw.get("aliases", ()))
+            if isinstance(raw.get("sunset"), _dt.date):  # TOML dates parse as date objects
+                raw["sunset"] = raw["sunset"].isoformat()
+            entries.append(ModelEntry(**raw))
+        if not entries:
+            raise RegistryError("the registry lists no models")
+        default = data.get("default", entries[0].name)
+        return cls(entries, default, dict(data.get("server", {})))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Registry":
+        with open(path, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise RegistryError(f"{path}: {e}") from None
+        return cls.from_dict(data)
+
+    # ------------------------------------------------------------------ lookup
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def lookup(self, name: str) -> ModelEntry:
+        """The entry for a name or alias ('' = default); UnknownModel if none. Retired included."""
+        e = self._by_name.get(name or self.default)
+        if e is None:
+            raise UnknownModel(name, self.names())
+        return e
+
+    def resolve(self, name: str) -> ModelEntry:
+        """Like lookup, but a retired model (or a deprecated one past its sunset) raises RetiredModel."""
+        e = self.lookup(name)
+        if e.effective_status() == RETIRED:
+            raise RetiredModel(e)
+        return e
+
+    def served(self) -> list[ModelEntry]:
+        return [e for e in self.entries if e.effective_status() != RETIRED]

@@ -1,0 +1,628 @@
+"""The wafer.v1.Wafer gRPC servicer: validation, streaming, sessions, metrics.
+
+Requests are validated here (INVALID_ARGUMENT naming the field and its limit), turned into
+:class:`engine.scheduler.Request` objects and handed to the model's scheduler. The engine thread
+publishes token events into a per-stream asyncio queue (one ``call_soon_threadsafe`` per step and
+event loop); this side coalesces them into messages, stamps/paces them when the model is emulated,
+and records metrics. The servicer knows nothing of Numba.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import grpc
+
+from engine import scheduler as sch
+from engine.server import registry as reg
+from protos import wafer_pb2 as pb
+from protos import wafer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "wafer.v1.Wafer"
+DEFAULT_MAX_TOKENS = 256
+MAX_COALESCE = 256
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 256
+ROLES = ("system", "user", "assistant")
+
+
+class Invalid(Exception):
+    """A request the server refuses; carries the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(msg: str) -> Invalid:
+    return Invalid(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def messages_to_dicts(messages) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise _invalid(f"messages[{i}].role={m.role!r} must be one of {', '.join(ROLES)}")
+        out.append({"role": m.role, "content": m.content})
+    return out
+
+
+def prompt_ids(tokenizer, vocab_size: int, which: str | None, msg) -> tuple[list[int], list[dict] | None]:
+    """Token ids for the ``input`` oneof of a GenerateRequest/Turn; also the chat messages."""
+    if which is None:
+        raise _invalid("input: empty prompt; set one of messages, text or token_ids")
+    if which == "messages":
+        msgs = messages_to_dicts(msg.messages.messages)
+        if not msgs:
+            raise _invalid("messages: empty prompt; give at least one message")
+        return tokenizer.encode_chat(msgs, add_generation_prompt=True), msgs
+    if which == "text":
+        if not msg.text:
+            raise _invalid("text: empty prompt")
+        return tokenizer.encode(msg.text), None
+    ids = list(msg.token_ids.ids)
+    if not ids:
+        raise _invalid("token_ids: empty prompt")
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise _invalid(f"token_ids[{i}]={t} is outside the vocabulary [0, {vocab_size})")
+    return ids, None
+
+
+def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: int,
+                    prompt_len: int, kv_tokens: int | None = None):
+    """Validate a proto SamplingParams into an engine SamplingParams (field-naming errors)."""
+    from engine.sampling import SamplingParams
+
+    def finite(name, v):
+        if not math.isfinite(v):
+            raise _invalid(f"{name}={v} must be a finite number")
+        return v
+
+    temperature = finite("temperature", sp.temperature) if sp.HasField("temperature") else 1.0
+    if not 0.0 <= temperature <= 100.0:
+        raise _invalid(f"temperature={temperature:g} must be in [0, 100]")
+    if not 0 <= sp.top_k <= vocab_size:
+        raise _invalid(f"top_k={sp.top_k} must be in [0, {vocab_size}] (0 = off; vocab size {vocab_size})")
+    top_p = finite("top_p", sp.top_p) if sp.HasField("top_p") else 1.0
+    if not 0.0 < top_p <= 1.0:
+        raise _invalid(f"top_p={top_p:g} must be in (0, 1]")
+    min_p = finite("min_p", sp.min_p)
+    if not 0.0 <= min_p <= 1.0:
+        raise _invalid(f"min_p={min_p:g} must be in [0, 1]")
+    rep = finite("repetition_penalty", sp.repetition_penalty) if sp.HasField("repetition_penalty") else 1.0
+    if not 0.0 < rep <= 10.0:
+        raise _invalid(f"repetition_penalty={rep:g} must be in (0, 10]")
+    room = context_length - prompt_len
+    if room < 1:
+        raise _invalid(f"prompt of {prompt_len} tokens leaves no room in the model's context of "
+                       f"{context_length} tokens")
+    if sp.HasField("max_tokens"):
+        max_tokens = sp.max_tokens
+        if max_tokens < 1:
+            raise _invalid(f"max_tokens={max_tokens} must be at least 1")
+        if max_tokens > room:
+            raise _invalid(f"max_tokens={max_tokens} exceeds the model's context of {context_length} "
+                           f"(prompt {prompt_len} tokens + max_tokens {max_tokens} > {context_length})")
+    else:
+        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+    if kv_tokens is not None and prompt_len + max_tokens > kv_tokens:
+        raise _invalid(f"max_tokens={max_tokens}: prompt {prompt_len} + max_tokens {max_tokens} tokens "
+                       f"exceed the KV pool of {kv_tokens} tokens")
+    if len(sp.stop) > MAX_STOP_STRINGS:
+        raise _invalid(f"stop: {len(sp.stop)} strings, limit {MAX_STOP_STRINGS}")
+    for i, s in enumerate(sp.stop):
+        if not s:
+            raise _invalid(f"stop[{i}] is empty")
+        if len(s) > MAX_STOP_LEN:
+            raise _invalid(f"stop[{i}] has {len(s)} characters, limit {MAX_STOP_LEN}")
+    for i, t in enumerate(sp.stop_token_ids):
+        if not 0 <= t < vocab_size:
+            raise _invalid(f"stop_token_ids[{i}]={t} is an unknown token id (vocab size {vocab_size})")
+    if not 0 <= sp.logprobs <= MAX_LOGPROBS:
+        raise _invalid(f"logprobs={sp.logprobs} must be in [0, {MAX_LOGPROBS}]")
+    params = SamplingParams(
+        temperature=float(temperature), top_k=int(sp.top_k), top_p=float(top_p), min_p=float(min_p),
+        repetition_penalty=float(rep), seed=int(sp.seed) if sp.HasField("seed") else None,
+        max_tokens=int(max_tokens), stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids),
+        logprobs=int(sp.logprobs),
+    )
+    try:
+        params.validate(vocab_size, context_length, prompt_len)
+    except ValueError as e:
+        raise _invalid(str(e)) from None
+    return params
+
+
+def coalesce_of(n: int) -> int:
+    if n == 0:
+        return 1
+    if not 1 <= n <= MAX_COALESCE:
+        raise _invalid(f"coalesce_tokens={n} must be in [1, {MAX_COALESCE}]")
+    return n
+
+
+# ------------------------------------------------------------------------- one stream
+
+
+@dataclass
+class StreamState:
+    """Coalescing, timing and emulation of one generation's stream (Generate call or turn)."""
+
+    model_name: str
+    arrival_ns: int
+    coalesce: int
+    metrics: Any
+    emu: Any = None            # emulation.StreamClock
+    pending: list = field(default_factory=list)
+    n_sent: int = 0
+    first_sent_ns: int = 0
+    last_sent_ns: int = 0
+    text: list = field(default_factory=list)
+
+    def add(self, ev: sch.TokenEvent) -> pb.TokenChunk | None:
+        self.pending.append(ev)
+        if len(self.pending) >= self.coalesce:
+            return self._chunk()
+        return None
+
+    def flush(self, extra_text: str = "") -> pb.TokenChunk | None:
+        if extra_text:
+            if self.pending:
+                return self._chunk(extra_text)
+            return pb.TokenChunk(text=extra_text, index=self.n_sent)
+        return self._chunk() if self.pending else None
+
+    def _chunk(self, extra_text: str = "") -> pb.TokenChunk:
+        evs, self.pending = self.pending, []
+        last = evs[-1]
+        c = pb.TokenChunk(
+            token_ids=[e.token_id for e in evs],
+            text="".join(e.text for e in evs) + extra_text,
+            index=evs[0].index,
+            engine_step_ns=last.step_ns,
+            batch_size=last.batch_size,
+        )
+        if evs[0].logprob is not None:
+            for e in evs:
+                c.logprobs.append(pb.TokenLogprobs(
+                    logprob=e.logprob, top=[pb.TopLogprob(id=i, logprob=lp) for i, lp in e.top or ()]))
+        if self.emu is not None:
+            c.sim_time_us.extend(self.emu.next_time_us(e.batch_size) for e in evs)
+        return c
+
+    async def before_send(self, c: pb.TokenChunk) -> None:
+        """Pace (emulation), stamp lateness, record timing and metrics for a chunk about to go."""
+        n = len(c.token_ids)
+        if self.emu is not None and c.sim_time_us:
+            await self.emu.wait_until(c.sim_time_us[-1])
+        now = time.monotonic_ns()
+        if self.emu is not None and c.sim_time_us:
+            c.late_us.extend(self.emu.lateness_us(t, now) for t in c.sim_time_us)
+            if self.metrics is not None:
+                h = self.metrics.emulation_lateness.labels(self.model_name)
+                for late in c.late_us:
+                    h.observe(late / 1e6)
+        self.text.append(c.text)
+        if n == 0:
+            return
+        m = self.metrics
+        if self.n_sent == 0:
+            self.first_sent_ns = now
+            if m is not None:
+                m.ttft.labels(self.model_name).observe((now - self.arrival_ns) / 1e9)
+            gaps = n - 1
+            gap = 0.0
+        else:
+            gaps = n
+            gap = (now - self.last_sent_ns) / 1e9 / n
+        if m is not None and gaps:
+            h = m.itl.labels(self.model_name)
+            for _ in range(gaps):
+                h.observe(gap)
+        self.n_sent += n
+        self.last_sent_ns = now
+
+    def final(self, ev: sch.FinishEvent) -> pb.Final:
+        st = ev.stats
+        now = time.monotonic_ns()
+        ttft_ms = (self.first_sent_ns - self.arrival_ns) / 1e6 if self.n_sent else 0.0
+        itl_ms = ((self.last_sent_ns - self.first_sent_ns) / 1e6 / (self.n_sent - 1)
+                  if self.n_sent > 1 else 0.0)
+        usage = pb.Usage(
+            prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+            cached_tokens=st.cached_tokens, prefill_tokens=st.prefill_tokens,
+            ttft_ms=ttft_ms, mean_itl_ms=itl_ms, queue_ms=st.queue_ns / 1e6,
+            e2e_ms=(now - self.arrival_ns) / 1e6, max_batch_size=st.max_batch_size,
+            preemptions=st.preemptions,
+        )
+        final = pb.Final(finish_reason=ev.reason, usage=usage)
+        if self.emu is not None:
+            e = self.emu
+            final.emulation.CopyFrom(pb.EmulationSummary(
+                target=e.emu.target, pace=e.emu.pace, sim_ttft_ms=e.sim_ttft_us / 1e3,
+                sim_e2e_ms=e.sim_us / 1e3, max_late_ms=e.max_late_us / 1e3,
+                final_lag_ms=e.last_late_us / 1e3, late_tokens=e.late_tokens))
+        m = self.metrics
+        if m is not None:
+            name = self.model_name
+            m.e2e.labels(name).observe((now - self.arrival_ns) / 1e9)
+            if st.queue_ns:
+                m.queue.labels(name).observe(st.queue_ns / 1e9)
+            if st.prefill_ns:
+                m.prefill_time.labels(name).observe(st.prefill_ns / 1e9)
+            m.prompt_tokens.labels(name).inc(st.prompt_tokens)
+            m.generation_tokens.labels(name).inc(st.completion_tokens)
+            if st.cached_tokens:
+                m.cached_tokens.labels(name).inc(st.cached_tokens)
+            if st.preemptions:
+                m.preemptions.labels(name).inc(st.preemptions)
+            m.request_success.labels(name, ev.reason).inc()
+        return final
+
+
+def make_publisher():
+    """A Scheduler ``publish`` hook: one call_soon_threadsafe per event loop per step.
+
+    Each request's (or session's) ``owner`` is ``(loop, asyncio.Queue)``; the queue receives
+    ``(request, event)`` pairs.
+    """
+
+    def deliver(items):
+        for q, item in items:
+            q.put_nowait(item)
+
+    def publish(items) -> None:
+        by_loop: dict = {}
+        for req, ev in items:
+            owner = req.owner
+            if owner is None:
+                continue
+            loop, q = owner
+            by_loop.setdefault(loop, []).append((q, (req, ev)))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, batch)
+            except RuntimeError:  # loop closed: the stream is gone
+                pass
+
+    return publish
+
+
+# ------------------------------------------------------------------------- servicer
+
+
+_ERROR_FINISH = {
+    sch.FINISH_DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    sch.FINISH_ERROR: grpc.StatusCode.INTERNAL,
+}
+
+
+class WaferServicer(pb_grpc.WaferServicer):
+    def __init__(self, server):
+        self.server = server  # engine.server.app.WaferServer: registry, runtimes, metrics, draining
+        self.active_streams = 0
+
+    # ---------------------------------------------------------------- helpers
+
+    def _resolve(self, name: str):
+        """(entry, runtime) for a model name; Invalid for unknown / retired / not ready."""
+        try:
+            entry = self.server.registry.resolve(name)
+        except reg.UnknownModel as e:
+            raise Invalid(grpc.StatusCode.NOT_FOUND, str(e)) from None
+        except reg.RetiredModel as e:
+            raise Invalid(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        rt = self.server.runtime_for(entry)
+        if self.server.draining:
+            raise Invalid(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if rt is None or not rt.is_ready:
+            raise Invalid(grpc.StatusCode.UNAVAILABLE, f"model={entry.name!r} is not loaded yet")
+        return entry, rt
+
+    async def _abort(self, context, e: Invalid, model_name: str = "", md=()) -> None:
+        if self.server.metrics is not None:
+            self.server.metrics.request_errors.labels(model_name or "-", e.code.name).inc()
+        await context.abort(e.code, e.message, trailing_metadata=tuple(md))
+
+    def _deadline_ns(self, context) -> int | None:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return None
+        return time.monotonic_ns() + int(remaining * 1e9)
+
+    # ---------------------------------------------------------------- Generate
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        arrival = time.monotonic_ns()
+        md: tuple = ()
+        name = request.model
+        try:
+            entry, rt = self._resolve(request.model)
+            name = entry.name
+            md = entry.deprecation_metadata()
+            if md:
+                context.set_trailing_metadata(md)
+            cfg = rt.config
+            ids, _ = prompt_ids(rt.tokenizer, cfg.vocab_size, request.WhichOneof("input"), request)
+            if len(ids) >= cfg.context_length:
+                raise _invalid(f"prompt of {len(ids)} tokens exceeds the model's context of "
+                               f"{cfg.context_length} tokens")
+            params = sampling_params(request.sampling, vocab_size=cfg.vocab_size,
+                                     context_length=cfg.context_length, prompt_len=len(ids),
+                                     kv_tokens=rt.kv_tokens)
+            coalesce = coalesce_of(request.coalesce_tokens)
+        except Invalid as e:
+            await self._abort(context, e, name, md)
+            return
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = sch.Request(ids, params, request_id=request.request_id,
+                          deadline_ns=self._deadline_ns(context), owner=(loop, q), arrival_ns=arrival)
+        try:
+            rt.scheduler.submit(req)
+        except sch.QueueFull as e:
+            await self._abort(context, Invalid(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)), name, md)
+            return
+        except sch.SchedulerClosed as e:
+            await self._abort(context, Invalid(grpc.StatusCode.UNAVAILABLE, str(e)), name, md)
+            return
+
+        state = StreamState(name, arrival, coalesce, self.server.metrics,
+                            rt.emulator.stream(arrival, len(ids), 0) if rt.emulator else None)
+        self.active_streams += 1
+        try:
+            while True:
+                _, ev = await q.get()
+                if isinstance(ev, sch.TokenEvent):
+                    c = state.add(ev)
+                    if c is not None:
+                        await state.before_send(c)
+                        yield pb.GenerateResponse(chunk=c)
+                    continue
+                # FinishEvent
+                code = _ERROR_FINISH.get(ev.reason)
+                if code is not None:
+                    await self._abort(context, Invalid(code, ev.error or f"request {ev.reason}"), name, md)
+                    return
+                c = state.flush(ev.text)
+                if c is not None:
+                    await state.before_send(c)
+                    yield pb.GenerateResponse(chunk=c)
+                yield pb.GenerateResponse(final=state.final(ev))
+                return
+        finally:
+            self.active_streams -= 1
+            if not req.done:  # client went away (cancel, disconnect, deadline): free its blocks
+                rt.scheduler.cancel(req)
+
+    # ---------------------------------------------------------------- Session
+
+    async def Session(self, request_iterator, context) -> AsyncIterator[pb.SessionResponse]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        CLIENT = object()
+
+        async def read_client():
+            try:
+                async for msg in request_iterator:
+                    q.put_nowait((CLIENT, msg))
+            except Exception:  # cancelled / broken stream
+                pass
+            q.put_nowait((CLIENT, None))
+
+        reader = asyncio.ensure_future(read_client())
+        session = None
+        rt = None
+        entry = None
+        md: tuple = ()
+        conversation: list[dict] = []
+        turn_req: sch.Request | None = None
+        turn_id = ""
+        turn_msgs: list[dict] | None = None
+        state: StreamState | None = None
+        self.active_streams += 1
+        try:
+            # ---- open
+            src, first = await q.get()
+            if first is None:
+                return
+            if first.WhichOneof("kind") != "open":
+                await self._abort(context, _invalid("the first SessionRequest must be `open`"))
+                return
+            try:
+                entry, rt = self._resolve(first.open.model)
+                md = entry.deprecation_metadata()
+                if md:
+                    context.set_trailing_metadata(md)
+                idle = first.open.idle_timeout_s or None
+                session = rt.scheduler.open_session(idle, owner=(loop, q))
+            except Invalid as e:
+                await self._abort(context, e, entry.name if entry else first.open.model, md)
+                return
+            except sch.QueueFull as e:
+                await self._abort(context, Invalid(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)),
+                                  entry.name, md)
+                return
+            except sch.SchedulerClosed as e:
+                await self._abort(context, Invalid(grpc.StatusCode.UNAVAILABLE, str(e)), entry.name, md)
+                return
+            yield pb.SessionResponse(opened=pb.SessionOpened(
+                session_id=session.session_id, model=entry.name,
+                idle_timeout_s=int(session.idle_timeout_s)))
+            cfg = rt.config
+
+            # ---- turns
+            while True:
+                src, item = await q.get()
+                if src is CLIENT:
+                    if item is None:
+                        return
+                    kind = item.WhichOneof("kind")
+                    if kind == "close":
+                        if turn_req is not None and not turn_req.done:
+                            rt.scheduler.cancel(turn_req)
+                        yield pb.SessionResponse(turn_id=turn_id, closed=pb.SessionClosed(reason="client"))
+                        return
+                    if kind == "cancel":
+                        if turn_req is not None and not turn_req.done and (
+                                not item.cancel.turn_id or item.cancel.turn_id == turn_id):
+                            rt.scheduler.cancel(turn_req)
+                        continue
+                    if kind != "turn":
+                        yield pb.SessionResponse(error=pb.TurnError(
+                            code="INVALID_ARGUMENT", message=f"unexpected `{kind}` in an open session"))
+                        continue
+                    t = item.turn
+                    if turn_req is not None and not turn_req.done:
+                        yield pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(
+                            code="FAILED_PRECONDITION",
+                            message=f"turn {turn_id!r} is still running; cancel it or wait for its final"))
+                        continue
+                    arrival = time.monotonic_ns()
+                    try:
+                        which = t.WhichOneof("input")
+                        new_ids, new_msgs = prompt_ids(rt.tokenizer, cfg.vocab_size, which, t)
+                        if new_msgs is not None:
+                            full = rt.tokenizer.encode_chat(conversation + new_msgs, add_generation_prompt=True)
+                            prompt, replace, total = full, True, len(full)
+                        else:
+                            prompt, replace = new_ids, False
+                            total = len(session.tokens) + len(new_ids)
+                        if total >= cfg.context_length:
+                            raise _invalid(f"conversation of {total} tokens exceeds the model's context of "
+                                           f"{cfg.context_length} tokens")
+                        params = sampling_params(t.sampling, vocab_size=cfg.vocab_size,
+                                                 context_length=cfg.context_length, prompt_len=total,
+                                                 kv_tokens=rt.kv_tokens)
+                        coalesce = coalesce_of(t.coalesce_tokens)
+                    except Invalid as e:
+                        yield pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(
+                            code=e.code.name, message=e.message))
+                        continue
+                    turn_id, turn_msgs = t.turn_id, new_msgs
+                    turn_req = sch.Request(prompt, params, request_id=turn_id, session=session,
+                                           replace=replace, deadline_ns=self._deadline_ns(context),
+                                           owner=(loop, q), arrival_ns=arrival)
+                    try:
+                        rt.scheduler.submit(turn_req)
+                    except (sch.QueueFull, sch.SchedulerClosed) as e:
+                        code = "RESOURCE_EXHAUSTED" if isinstance(e, sch.QueueFull) else "UNAVAILABLE"
+                        turn_req = None
+                        yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(code=code, message=str(e)))
+                        continue
+                    # cached count is only known once the engine admits the turn: stamp with 0
+                    state = StreamState(entry.name, arrival, coalesce, self.server.metrics,
+                                        rt.emulator.stream(arrival, total, 0) if rt.emulator else None)
+                    continue
+
+                req, ev = src, item
+                if isinstance(ev, sch.SessionExpired):
+                    yield pb.SessionResponse(turn_id=turn_id, closed=pb.SessionClosed(reason=ev.reason))
+                    return
+                if req is not turn_req or state is None:
+                    continue  # a late event of a cancelled earlier turn
+                if isinstance(ev, sch.TokenEvent):
+                    if state.emu is not None and state.emu.n == 0 and req.seq is not None:
+                        state.emu.cached_tokens = req.seq.stats.cached_tokens
+                    c = state.add(ev)
+                    if c is not None:
+                        await state.before_send(c)
+                        yield pb.SessionResponse(turn_id=turn_id, chunk=c)
+                    continue
+                # FinishEvent of the current turn
+                code = _ERROR_FINISH.get(ev.reason)
+                if code is not None and ev.reason != sch.FINISH_DEADLINE:
+                    yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(
+                        code=code.name, message=ev.error or ev.reason))
+                    continue
+                if ev.error and ev.reason == sch.FINISH_LENGTH and ev.stats.completion_tokens == 0:
+                    yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(
+                        code="INVALID_ARGUMENT", message=ev.error))
+                    continue
+                c = state.flush(ev.text)
+                if c is not None:
+                    await state.before_send(c)
+                    yield pb.SessionResponse(turn_id=turn_id, chunk=c)
+                if turn_msgs is not None:
+                    conversation.extend(turn_msgs)
+                    conversation.append({"role": "assistant", "content": "".join(state.text)})
+                yield pb.SessionResponse(turn_id=turn_id, final=state.final(ev))
+                if ev.reason == sch.FINISH_DEADLINE:
+                    await self._abort(context, Invalid(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                       "session deadline exceeded"), entry.name, md)
+                    return
+                if ev.reason == sch.FINISH_SHUTDOWN:
+                    yield pb.SessionResponse(turn_id=turn_id, closed=pb.SessionClosed(reason="shutdown"))
+                    return
+        finally:
+            self.active_streams -= 1
+            reader.cancel()
+            if rt is not None and session is not None:
+                if turn_req is not None and not turn_req.done:
+                    rt.scheduler.cancel(turn_req)
+                rt.scheduler.close_session(session, "client")
+
+    # ---------------------------------------------------------------- models
+
+    def _model_info(self, entry: reg.ModelEntry) -> pb.ModelInfo:
+        info = pb.ModelInfo(
+            name=entry.name, aliases=list(entry.aliases),
+            lifecycle=pb.Lifecycle(status=entry.effective_status(), sunset=entry.sunset,
+                                   successor=entry.successor),
+            emulate=self.server.emulate_target(entry),
+        )
+        rt = self.server.runtime_for(entry)
+        if rt is not None and rt.is_ready:
+            c = rt.config
+            info.architecture = c.arch
+            info.parameters = c.n_params
+            info.quantization = c.quantization
+            info.context_length = c.context_length
+            info.vocab_size = c.vocab_size
+            info.n_layers = c.n_layers
+            info.d_model = c.d_model
+            info.loaded = True
+        return info
+
+    async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._model_info(e) for e in self.server.registry.entries])
+
+    async def GetModel(self, request, context) -> pb.ModelInfo:
+        try:
+            entry = self.server.registry.lookup(request.name)
+        except reg.UnknownModel as e:
+            await self._abort(context, Invalid(grpc.StatusCode.NOT_FOUND, str(e)), request.name)
+            return
+        md = entry.deprecation_metadata()
+        if md:
+            context.set_trailing_metadata(md)
+        return self._model_info(entry)
+
+    async def Tokenize(self, request, context) -> pb.TokenizeResponse:
+        md: tuple = ()
+        try:
+            entry, rt = self._resolve(request.model)
+            md = entry.deprecation_metadata()
+            if md:
+                context.set_trailing_metadata(md)
+            ids, _ = prompt_ids(rt.tokenizer, rt.config.vocab_size, request.WhichOneof("input"), request)
+        except Invalid as e:
+            await self._abort(context, e, request.model, md)
+            return
+        tok = rt.tokenizer
+        pieces = [tok.token_bytes(i).decode("utf-8", errors="replace") for i in ids]
+        return pb.TokenizeResponse(ids=ids, pieces=pieces)
