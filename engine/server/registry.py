@@ -120,10 +120,12 @@ _ENTRY_FIELDS = {f for f in ModelEntry.__dataclass_fields__}
 @dataclass
 class Registry:
     entries: list[ModelEntry]
-    default: str = DEFAULT_MODEL
+    default: str = ""               # "" = the first entry
     server: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.default and self.entries:
+            self.default = self.entries[0].name
         self._by_name: dict[str, ModelEntry] = {}
         for e in self.entries:
             if e.status not in STATUSES:

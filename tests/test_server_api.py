@@ -1,0 +1,415 @@
+"""The gRPC server on loopback with a tiny synthetic model: streaming, batching, cancellation,
+deadlines, admission, validation, lifecycle, sessions, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.server.app import ServerOptions
+from engine.server.client import Completion, SessionError, Token, WaferClient
+from engine.server.registry import ModelEntry, Registry
+from engine.server.testing import ServerThread
+from protos import wafer_pb2 as pb
+
+CONTEXT = 1024
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_gguf):
+    return tiny_gguf("Q4_1", context_length=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    registry = Registry([
+        ModelEntry(name="tiny", path=str(model_path), aliases=("tiny-latest",), max_batch=16),
+        ModelEntry(name="tiny-2024", path=str(model_path), max_batch=16, status="deprecated",
+                   sunset="2099-12-31", successor="tiny"),
+        ModelEntry(name="tiny-2020", status="retired", successor="tiny"),
+        # a tight admission queue for the overload test (its own engine: different limits)
+        ModelEntry(name="tiny-narrow", path=str(model_path), max_batch=1, max_waiting=2),
+    ], default="tiny")
+    with ServerThread(registry, ServerOptions(port=0, metrics_port=0,
+                                              session_idle_timeout_s=60)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with WaferClient(server.address, timeout=60) as c:
+        yield c
+
+
+def split(items):
+    tokens = [i for i in items if isinstance(i, Token)]
+    finals = [i for i in items if isinstance(i, Completion)]
+    assert len(finals) == 1 and isinstance(items[-1], Completion), "exactly one final, last"
+    return tokens, finals[0]
+
+
+def wait_until(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def kv_used(server, name="tiny"):
+    return server.runtime(name).scheduler.allocator.num_used
+
+
+# ------------------------------------------------------------------------------ streaming
+
+
+def test_stream_order_and_usage(client, server):
+    tokens, done = split(list(client.generate("hello world", max_tokens=24, temperature=0)))
+    assert [t.index for t in tokens] == list(range(len(tokens)))
+    assert done.usage["completion_tokens"] == len(tokens)
+    assert done.usage["prompt_tokens"] == len(client.tokenize("hello world"))
+    assert done.finish_reason in ("length", "stop")
+    if done.finish_reason == "length":
+        assert len(tokens) == 24
+    assert done.usage["ttft_ms"] > 0 and done.usage["e2e_ms"] >= done.usage["ttft_ms"]
+    assert all(t.engine_step_ns > 0 and t.batch_size >= 1 for t in tokens)
+    assert wait_until(lambda: kv_used(server) == 0)
+
+
+def test_coalescing_groups_tokens(client, server):
+    req = pb.GenerateRequest(text="hello world", coalesce_tokens=5,
+                             sampling=pb.SamplingParams(temperature=0, max_tokens=23))
+    msgs = list(client.stub.Generate(req, timeout=30))
+    chunks = [m.chunk for m in msgs if m.HasField("chunk")]
+    assert msgs[-1].HasField("final")
+    n = msgs[-1].final.usage.completion_tokens
+    sizes = [len(c.token_ids) for c in chunks]
+    assert sum(sizes) == n
+    assert all(s == 5 for s in sizes[:-1])
+    assert [c.index for c in chunks] == [5 * i for i in range(len(chunks))]
+    # same tokens as uncoalesced
+    plain = [t.id for t in client.generate("hello world", max_tokens=23, temperature=0)
+             if isinstance(t, Token)]
+    assert [i for c in chunks for i in c.token_ids] == plain
+
+
+def test_logprobs(client):
+    tokens, _ = split(list(client.generate("abc", max_tokens=4, temperature=0, logprobs=3)))
+    for t in tokens:
+        assert len(t.top_logprobs) == 3
+        assert t.logprob <= 0
+        assert t.top_logprobs[0][0] == t.id  # greedy picks the most likely token
+
+
+def test_concurrent_streams_share_decode_steps(client, server):
+    prompts = [f"stream number {i} says" for i in range(8)]
+    alone = {p: [t.id for t in client.generate(p, max_tokens=40, temperature=0) if isinstance(t, Token)]
+             for p in prompts[:3]}
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: split(list(client.generate(p, max_tokens=40, temperature=0))),
+                                prompts))
+    assert max(done.usage["max_batch_size"] for _, done in results) > 1
+    assert max(t.batch_size for toks, _ in results for t in toks) > 1
+    # batching never changes a greedy stream
+    for p, (toks, _) in zip(prompts, results):
+        if p in alone:
+            assert [t.id for t in toks] == alone[p]
+    assert wait_until(lambda: kv_used(server) == 0)
+
+
+def test_cancel_mid_stream_frees_blocks(client, server):
+    call = client.stub.Generate(pb.GenerateRequest(
+        text="cancel me", sampling=pb.SamplingParams(temperature=0, max_tokens=CONTEXT - 10)), timeout=60)
+    got = 0
+    for resp in call:
+        got += resp.HasField("chunk")
+        if got == 3:
+            assert kv_used(server) > 0
+            call.cancel()
+            break
+    assert wait_until(lambda: kv_used(server) == 0 and server.runtime().scheduler.num_running == 0)
+    # the server still serves
+    _, done = split(list(client.generate("after cancel", max_tokens=3, temperature=0)))
+    assert done.usage["completion_tokens"] >= 1
+
+
+def test_client_stopping_iteration_cancels(client, server):
+    gen = client.generate("walk away", max_tokens=CONTEXT - 10, temperature=0)
+    next(gen)
+    gen.close()  # the client's generator cancels the call
+    assert wait_until(lambda: kv_used(server) == 0)
+
+
+def test_deadline_exceeded_stops_generation(client, server):
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate("deadline", max_tokens=CONTEXT - 10, temperature=0, timeout=0.15))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: kv_used(server) == 0 and server.runtime().scheduler.num_running == 0)
+
+
+def test_overload_gives_resource_exhausted_and_stays_healthy(client, server):
+    def run(i):
+        try:
+            return split(list(client.generate(f"load {i}", model="tiny-narrow", max_tokens=200,
+                                              temperature=0)))[1]
+        except grpc.RpcError as e:
+            return e
+
+    with cf.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(run, range(10)))
+    refused = [r for r in results if isinstance(r, grpc.RpcError)]
+    served = [r for r in results if isinstance(r, Completion)]
+    assert refused and served
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert "max_waiting=2" in refused[0].details()
+    health = health_pb2_grpc.HealthStub(client.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="wafer.v1.Wafer")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    _, done = split(list(client.generate("still here", model="tiny-narrow", max_tokens=3, temperature=0)))
+    assert done.usage["completion_tokens"] >= 1
+    assert wait_until(lambda: kv_used(server, "tiny-narrow") == 0)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(max_tokens=100000), "max_tokens=100000"),
+    (dict(max_tokens=0), "max_tokens=0"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-3), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(stop_token_ids=[99999]), "stop_token_ids"),
+    (dict(stop=[""]), "stop[0]"),
+    (dict(logprobs=50), "logprobs"),
+])
+def test_invalid_sampling(client, kw, field):
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate("x", **kw))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
+
+
+def test_invalid_inputs(client):
+    cases = [
+        (pb.GenerateRequest(), "empty prompt"),
+        (pb.GenerateRequest(text=""), "empty prompt"),
+        (pb.GenerateRequest(messages=pb.Messages()), "messages"),
+        (pb.GenerateRequest(messages=pb.Messages(messages=[pb.ChatMessage(role="robot", content="x")])),
+         "role"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5000000])), "token_ids[1]"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * (CONTEXT + 5))), "context"),
+        (pb.GenerateRequest(text="x", coalesce_tokens=1000), "coalesce_tokens"),
+    ]
+    for req, needle in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            list(client.stub.Generate(req, timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, req
+        assert needle in e.value.details()
+
+
+def test_unknown_model_not_found(client):
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate("x", model="gpt-17"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "gpt-17" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        client.get_model("gpt-17")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def test_models_and_lifecycle(client):
+    models = {m.name: m for m in client.list_models()}
+    assert set(models) == {"tiny", "tiny-2024", "tiny-2020", "tiny-narrow"}
+    t = models["tiny"]
+    assert t.loaded and t.context_length == CONTEXT and t.architecture == "llama"
+    assert t.parameters > 0 and t.quantization.startswith("Q4_1") and list(t.aliases) == ["tiny-latest"]
+    assert models["tiny-2024"].lifecycle.status == "deprecated"
+    assert models["tiny-2020"].lifecycle.status == "retired" and not models["tiny-2020"].loaded
+    assert client.get_model("tiny-latest").name == "tiny"
+
+
+def test_deprecated_model_served_with_trailing_metadata(client):
+    _, done = split(list(client.generate("old", model="tiny-2024", max_tokens=3, temperature=0)))
+    md = done.trailing_metadata
+    assert md["wafer-deprecated"] == "true"
+    assert md["wafer-sunset"] == "2099-12-31"
+    assert md["wafer-successor"] == "tiny"
+    _, done = split(list(client.generate("new", model="tiny", max_tokens=3, temperature=0)))
+    assert "wafer-deprecated" not in done.trailing_metadata
+    # errors on a deprecated model carry it too
+    call = client.stub.Generate(pb.GenerateRequest(model="tiny-2024", text=""), timeout=10)
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert dict(e.value.trailing_metadata())["wafer-successor"] == "tiny"
+
+
+def test_retired_model_refused_naming_successor(client):
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate("x", model="tiny-2020"))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'tiny'" in e.value.details() and "retired" in e.value.details()
+
+
+def test_tokenize(client, server):
+    tok = server.runtime().tokenizer
+    assert client.tokenize("hello world") == tok.encode("hello world")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert client.tokenize(messages=msgs) == tok.encode_chat(msgs)
+
+
+# ------------------------------------------------------------------------------ sessions
+
+
+def test_session_reuses_kv_and_matches_fresh_request(client, server):
+    first = [{"role": "user", "content": "tell me about the sea"}]
+    with client.session() as s:
+        reply1, done1 = s.say(first[0]["content"], max_tokens=12, temperature=0)
+        assert done1.usage["cached_tokens"] == 0
+        reply2, done2 = s.say("and the sky", max_tokens=12, temperature=0)
+        u = done2.usage
+        assert u["cached_tokens"] > done1.usage["prompt_tokens"] // 2
+        assert u["prefill_tokens"] == u["prompt_tokens"] - u["cached_tokens"]
+        assert u["prefill_tokens"] < done1.usage["prompt_tokens"]
+        assert kv_used(server) > 0  # the session keeps its blocks between turns
+    conversation = first + [{"role": "assistant", "content": reply1},
+                            {"role": "user", "content": "and the sky"}]
+    fresh_text, fresh = client.complete(messages=conversation, max_tokens=12, temperature=0)
+    assert fresh.usage["prompt_tokens"] == u["prompt_tokens"]
+    assert fresh_text == reply2
+    assert wait_until(lambda: kv_used(server) == 0)  # closing the session freed them
+
+
+def test_session_token_turns_prefill_only_new_tokens(client, server):
+    tok = server.runtime().tokenizer
+    a, b = tok.encode("one two three"), tok.encode(" four five")
+    with client.session() as s:
+        out1 = [t.id for t in s.turn(token_ids=a, max_tokens=8, temperature=0) if isinstance(t, Token)]
+        items = list(s.turn(token_ids=b, max_tokens=8, temperature=0))
+        out2 = [t.id for t in items if isinstance(t, Token)]
+        u = items[-1].usage
+    history = a + out1
+    # the sequence holds a + out1; the last sampled token was never fed, so it is prefilled too
+    assert u["cached_tokens"] == len(history) - 1
+    assert u["prefill_tokens"] == len(b) + 1
+    fresh = [t.id for t in client.generate(token_ids=history + b, max_tokens=8, temperature=0)
+             if isinstance(t, Token)]
+    assert out2 == fresh
+
+
+def test_session_cancel_turn_and_continue(client, server):
+    with client.session() as s:
+        it = s.turn("a long answer", max_tokens=CONTEXT // 2, temperature=0)
+        next(it)
+        s.cancel()
+        items = list(it)
+        assert items[-1].finish_reason == "cancelled"
+        _, done = s.say("short", max_tokens=3, temperature=0)
+        assert done.usage["completion_tokens"] >= 1
+    assert wait_until(lambda: kv_used(server) == 0)
+
+
+def test_session_idle_expiry_frees_blocks(client, server):
+    s = client.session(idle_timeout_s=1)
+    s.say("hi", max_tokens=3, temperature=0)
+    assert kv_used(server) > 0
+    time.sleep(1.6)
+    with pytest.raises(SessionError) as e:
+        list(s.turn("too late", max_tokens=3))
+    assert "idle" in str(e.value)
+    assert wait_until(lambda: kv_used(server) == 0)
+    s.close()
+
+
+def test_session_rejects_overlapping_turn(client):
+    with client.session() as s:
+        s._out.put(pb.SessionRequest(turn=pb.Turn(turn_id="a", text="x", sampling=pb.SamplingParams(
+            max_tokens=200, temperature=0))))
+        s._out.put(pb.SessionRequest(turn=pb.Turn(turn_id="b", text="y")))
+        errors = []
+        for resp in s._call:
+            if resp.WhichOneof("kind") == "error":
+                errors.append(resp)
+                s.cancel("a")
+            if resp.WhichOneof("kind") == "final":
+                break
+        assert errors and errors[0].turn_id == "b" and errors[0].error.code == "FAILED_PRECONDITION"
+
+
+# ------------------------------------------------------------------------------ operations
+
+
+def test_reflection_lists_the_service(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase)
+
+    with grpc.insecure_channel(server.address) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = db.get_services()
+        assert "wafer.v1.Wafer" in services and "grpc.health.v1.Health" in services
+        fd = db.FindFileContainingSymbol("wafer.v1.Wafer")
+        assert fd.package == "wafer.v1"
+        assert "Generate" in [m.name for m in fd.service[0].method]
+
+
+def _scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_move(client, server):
+    before = _scrape(server.metrics_url)
+    client.complete("metrics please", max_tokens=6, temperature=0)
+    after = _scrape(server.metrics_url)
+    lbl = '{model_name="tiny"}'
+    for name in ("wafer_time_to_first_token_seconds_count", "wafer_e2e_request_latency_seconds_count",
+                 "wafer_inter_token_latency_seconds_count", "wafer_request_queue_time_seconds_count",
+                 "wafer_generation_tokens_total", "wafer_prompt_tokens_total"):
+        assert after[name + lbl] > before.get(name + lbl, 0), name
+    assert "wafer_kv_cache_usage_perc" + lbl in after
+    assert "wafer_num_requests_running" + lbl in after and "wafer_num_requests_waiting" + lbl in after
+    assert any(k.startswith("wafer_request_success_total") and "finished_reason" in k for k in after)
+    assert after["wafer_batch_size_count" + lbl] > 0
+
+
+def test_health_transitions(model_path):
+    reg = Registry([ModelEntry(name="tiny", path=str(model_path))])
+    srv = ServerThread(reg, ServerOptions(port=0, metrics_port=None))
+    srv.start(wait_ready=False)
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            check = lambda: stub.Check(health_pb2.HealthCheckRequest(service="wafer.v1.Wafer"),  # noqa
+                                       timeout=5).status
+            assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+            srv.call(srv.server.wait_ready(120), 130)
+            assert check() == health_pb2.HealthCheckResponse.SERVING
+            # draining: NOT_SERVING first, then the port closes
+            srv.loop.call_soon_threadsafe(lambda: srv.loop.create_task(srv.server.drain(0.5)))
+            assert wait_until(lambda: _status_or_none(check) != health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        srv.stop()
+
+
+def _status_or_none(check):
+    try:
+        return check()
+    except grpc.RpcError:
+        return None
