@@ -132,6 +132,10 @@ class Request:
     seq: "Sequence | None" = None
     done: bool = False
 
+    def __repr__(self) -> str:
+        return (f"Request(id={self.request_id!r}, prompt={len(self.prompt)} tokens, "
+                f"session={self.session.session_id if self.session else None}, done={self.done})")
+
 
 class Session:
     """A persistent sequence owned by one client stream."""
