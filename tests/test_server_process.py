@@ -1,0 +1,114 @@
+"""`wafer serve` as a real process: readiness, `wafer generate --server`, `wafer chat --server`,
+and SIGTERM drain (every stream gets a final message, the process exits cleanly)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.server.client import Completion, Token, WaferClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wafer(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_gguf, tmp_path_factory):
+    path = tiny_gguf("Q4_1", context_length=2048)
+    tmp = tmp_path_factory.mktemp("serve")
+    ready, log = tmp / "ready", tmp / "serve.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", "--model", str(path), "--port", "0",
+             "--metrics-port", "0", "--grace", "0.3", "--ready-file", str(ready)],
+            cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while not ready.exists() or not ready.read_text().strip():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "server not ready in 180 s"
+            time.sleep(0.1)
+        port = int(ready.read_text().split()[0])
+        yield proc, f"127.0.0.1:{port}", log
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_logs_readiness(served):
+    _, address, log = served
+    text = log.read_text()
+    assert "ready: serving" in text and address in text
+
+
+def test_generate_cli_remote_json(served):
+    _, address, _ = served
+    r = wafer("generate", "--server", address, "--prompt", "hello", "--max-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    tokens, summary = lines[:-1], lines[-1]
+    assert tokens and all(set(t) == {"id", "text"} for t in tokens)
+    assert set(summary) == {"prompt_tokens", "completion_tokens", "ttft_ms", "decode_tok_s", "finish_reason"}
+    assert summary["completion_tokens"] == len(tokens)
+
+
+def test_generate_cli_remote_text_and_errors(served):
+    _, address, _ = served
+    r = wafer("generate", "--server", address, "--prompt", "hello", "--max-tokens", "4", "--raw")
+    assert r.returncode == 0 and "tokens" in r.stderr
+    r = wafer("generate", "--server", address, "--prompt", "hello", "--top-p", "3")
+    assert r.returncode == 2
+    assert "INVALID_ARGUMENT" in r.stderr and "top_p" in r.stderr
+
+
+def test_chat_cli_with_piped_stdin(served):
+    _, address, _ = served
+    r = wafer("chat", "--server", address, "--max-tokens", "5", input="hello there\nand again\n")
+    assert r.returncode == 0, r.stderr
+    summaries = [x for x in r.stderr.splitlines() if x.startswith("[")]
+    assert len(summaries) == 2
+    assert "(0 reused)" in summaries[0] and "(0 reused)" not in summaries[1]
+
+
+def test_sigterm_drains_streams_then_exits(served):
+    proc, address, log = served
+    results = []
+    first = threading.Event()
+
+    def stream():
+        items = []
+        with WaferClient(address, timeout=60) as c:
+            try:
+                for item in c.generate("long", max_tokens=2000, temperature=0):
+                    items.append(item)
+                    first.set()
+                results.append(items)
+            except Exception as e:  # a status is acceptable too, a hang is not
+                results.append(e)
+            first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(30)
+    os.kill(proc.pid, signal.SIGTERM)
+    t.join(30)
+    assert not t.is_alive(), "stream hung after SIGTERM"
+    assert proc.wait(30) == 0
+    (items,) = results
+    assert not isinstance(items, Exception), items
+    assert isinstance(items[-1], Completion)
+    assert items[-1].finish_reason in ("shutdown", "length", "stop")
+    assert all(isinstance(i, Token) for i in items[:-1])
+    text = log.read_text()
+    assert "draining" in text and "stopped" in text
