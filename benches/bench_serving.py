@@ -1,0 +1,190 @@
+"""Serving benches (report, never assert): per-token overhead of `wafer serve` over the engine's
+own step time vs the raw grpc.aio floor measured in the same run, TTFT overhead over the engine's
+prefill time, and aggregate tokens/s at 1, 4, 16, 64 concurrent streams.
+
+    .venv/bin/python -m pytest -q benches/bench_serving.py --benchmark-only -s
+    WAFER_BENCH_MODEL=/path/to/model.gguf ...      # another model (default smollm2-135m)
+
+Definitions (per stream, client-side receive times r_i, engine step time s_i carried in chunk i):
+  overhead_i   = (r_i - r_{i-1}) - s_i                      for i >= 1
+  TTFT overhead = (r_0 - request sent) - s_0                 (s_0 = the prefill that made token 0)
+The floor (benches/serving_floor.py) is a bare grpc.aio server with a stand-in engine thread
+ticking at the real engine's median step; the same formulas apply to it. Both servers run as
+separate processes; the client is the same raw grpc.aio stub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from protos import wafer_pb2 as pb
+from protos import wafer_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = os.environ.get("WAFER_BENCH_MODEL", "smollm2-135m")
+TOPICS = ["dragons", "the sea", "a robot", "mountains", "a city at night", "an old library",
+          "the moon", "a river", "a lighthouse", "a forest", "a train journey", "winter"]
+
+
+def start(cmd: list[str], timeout: float = 600.0):
+    tmp = Path(tempfile.mkdtemp(prefix="wafer-bench-"))
+    ready = tmp / "ready"
+    log = open(tmp / "log", "w")
+    proc = subprocess.Popen(cmd + ["--ready-file", str(ready)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+    while not (ready.exists() and ready.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise RuntimeError(f"server failed to start: {(tmp / 'log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    return proc, f"127.0.0.1:{ready.read_text().split()[0]}"
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def wafer_server():
+    proc, address = start([sys.executable, "-m", "engine.cli", "serve", "--model", MODEL, "--port", "0",
+                           "--metrics-port", "-1", "--grace", "1"])
+    yield address
+    stop(proc)
+
+
+def floor_server(step_ms: float, prefill_ms: float):
+    return start([sys.executable, str(ROOT / "benches" / "serving_floor.py"), "--port", "0",
+                  "--step-ms", f"{step_ms:.3f}", "--prefill-ms", f"{prefill_ms:.3f}"])
+
+
+async def _one(stub, i: int, max_tokens: int):
+    req = pb.GenerateRequest(
+        messages=pb.Messages(messages=[pb.ChatMessage(
+            role="user", content=f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}.")]),
+        sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens))
+    t0 = time.monotonic_ns()
+    recv, steps, batch = [], [], []
+    async for resp in stub.Generate(req, timeout=600):
+        if resp.HasField("chunk"):
+            recv.append(time.monotonic_ns())
+            steps.append(resp.chunk.engine_step_ns)
+            batch.append(resp.chunk.batch_size)
+    return t0, np.array(recv, np.int64), np.array(steps, np.int64), batch
+
+
+async def run_streams(address: str, n: int, max_tokens: int):
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.WaferStub(ch)
+        await _one(stub, 0, 2)  # connection warm
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[_one(stub, i, max_tokens) for i in range(n)])
+        wall = time.perf_counter() - t0
+    return results, wall
+
+
+def overheads(results):
+    itl, ttft, steps = [], [], []
+    for t0, recv, st, _ in results:
+        if len(recv) == 0:
+            continue
+        ttft.append((recv[0] - t0 - st[0]) / 1e3)
+        if len(recv) > 1:
+            itl.extend(((np.diff(recv) - st[1:]) / 1e3).tolist())
+            steps.extend((st[1:] / 1e3).tolist())
+    return np.array(itl), np.array(ttft), np.array(steps)
+
+
+def pct(a, q):
+    return float(np.percentile(a, q)) if len(a) else float("nan")
+
+
+def _report(rows, title):
+    print(f"\n{title}")
+    for r in rows:
+        print("  " + r)
+
+
+@pytest.mark.parametrize("streams", [1, 16])
+def test_per_token_overhead_vs_floor(benchmark, wafer_server, streams):
+    max_tokens = 48 if streams == 1 else 32
+    info = {}
+
+    def measure():
+        res, _ = asyncio.run(run_streams(wafer_server, streams, max_tokens))
+        itl, ttft, steps = overheads(res)
+        step_ms = float(np.median(steps)) / 1e3
+        prefill_ms = float(np.median([r[2][0] for r in res])) / 1e6
+        proc, floor_addr = floor_server(step_ms, prefill_ms)
+        try:
+            fres, _ = asyncio.run(run_streams(floor_addr, streams, max_tokens))
+        finally:
+            stop(proc)
+        fitl, fttft, _ = overheads(fres)
+        info.update(
+            streams=streams, engine_step_ms_p50=step_ms,
+            overhead_us_p50=pct(itl, 50), overhead_us_p99=pct(itl, 99),
+            floor_us_p50=pct(fitl, 50), floor_us_p99=pct(fitl, 99),
+            ttft_overhead_us_p50=pct(ttft, 50), floor_ttft_us_p50=pct(fttft, 50),
+            max_batch=max(max(r[3]) for r in res if r[3]),
+        )
+        info["ratio_p50"] = info["overhead_us_p50"] / info["floor_us_p50"] if info["floor_us_p50"] else float("nan")
+        info["ratio_p99"] = info["overhead_us_p99"] / info["floor_us_p99"] if info["floor_us_p99"] else float("nan")
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(info)
+    _report([
+        f"engine step p50 {info['engine_step_ms_p50']:.2f} ms, max batch {info['max_batch']}",
+        f"per-token overhead  p50 {info['overhead_us_p50']:8.1f} us  p99 {info['overhead_us_p99']:8.1f} us",
+        f"raw grpc.aio floor  p50 {info['floor_us_p50']:8.1f} us  p99 {info['floor_us_p99']:8.1f} us",
+        f"ratio vs floor      p50 {info['ratio_p50']:8.2f}x    p99 {info['ratio_p99']:8.2f}x  (target <= 1.5x)",
+        f"TTFT overhead p50 {info['ttft_overhead_us_p50']:.1f} us (floor {info['floor_ttft_us_p50']:.1f} us; "
+        f"target < 1000 us)",
+    ], f"serving overhead at {streams} stream(s)")
+
+
+def test_ttft_overhead(benchmark, wafer_server):
+    """Sequential single requests: client TTFT minus the engine's prefill of the prompt."""
+    info = {}
+
+    def measure():
+        samples = []
+        for _ in range(8):
+            res, _ = asyncio.run(run_streams(wafer_server, 1, 2))
+            samples.extend(overheads(res)[1].tolist())
+        info.update(ttft_overhead_us_p50=pct(samples, 50), ttft_overhead_us_p90=pct(samples, 90))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(info)
+    _report([f"TTFT overhead over engine prefill: p50 {info['ttft_overhead_us_p50']:.1f} us, "
+             f"p90 {info['ttft_overhead_us_p90']:.1f} us (target p50 < 1000 us)"], "TTFT overhead")
+
+
+@pytest.mark.parametrize("streams", [1, 4, 16, 64])
+def test_aggregate_throughput(benchmark, wafer_server, streams):
+    max_tokens = {1: 48, 4: 48, 16: 32, 64: 24}[streams]
+    info = {}
+
+    def measure():
+        res, wall = asyncio.run(run_streams(wafer_server, streams, max_tokens))
+        n = sum(len(r[1]) for r in res)
+        info.update(streams=streams, tokens=n, wall_s=wall, tok_s=n / wall,
+                    max_batch=max(max(r[3]) for r in res if r[3]))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(info)
+    _report([f"{info['tokens']} tokens in {info['wall_s']:.2f} s = {info['tok_s']:.1f} tok/s "
+             f"(max batch {info['max_batch']})"], f"aggregate throughput at {streams} stream(s)")
