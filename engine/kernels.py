@@ -2,7 +2,8 @@
 
 Kernels know nothing of requests: they take arrays and write into buffers handed to them
 (no allocation in the hot path). Weights stay quantized; each format has one row-dequantizing
-routine (used by the matrix-matrix path) and one dot routine (used by the matrix-vector path).
+routine (used by the matrix-matrix path) and one dot routine (used by the matrix-vector path;
+the quantized formats' dots are the vector intrinsics in engine/simd.py).
 
 Weight layouts (repacked at load time by engine/weights.py, still quantized):
   Q4   4-bit with per-32 scale d and min m, value = d*q + m. GGUF Q4_1 as is; Q4_0 (value =
@@ -22,10 +23,13 @@ from typing import NamedTuple
 import numpy as np
 from numba import get_thread_id, njit, prange
 
+from engine.simd import dot_q4_row, dot_q8_row
+
 F32, F16, Q4, Q8 = 0, 1, 3, 8  # GGML type ids (Q4_0 is served by the Q4 kernels)
 BLOCK = 32  # elements per quantization block
-TILE_ROWS = 16  # rows dequantized together in the matrix-matrix path
 GEMV_MAX_TOKENS = 2  # up to this many tokens a step uses the matrix-vector kernels
+GEMM_TILE = 64  # weight rows a thread dequantizes and multiplies at a time in the matrix path
+GEMM_TOKENS = 16  # tokens multiplied per pass over a tile (their activations stay in L1/L2)
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
@@ -76,55 +80,6 @@ def dequant_row(w, half, l, r, out):
 
 
 @jit
-def dot4_q4(w, half, l, r0, x, xsum):
-    """Four rows r0..r0+3 of a Q4 matrix dotted with x; each x value is loaded once for 4 rows.
-    The min term needs only the per-block sums of x: sum_j (d q_j + m) x_j = d (q.x) + m sum(x)."""
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    q = w.q4
-    for b in range(w.cols // BLOCK):
-        s0 = s1 = s2 = s3 = np.float32(0.0)
-        o = 16 * b
-        for j in range(16):
-            xl = x[BLOCK * b + j]
-            xh = x[BLOCK * b + 16 + j]
-            v = q[l, r0, o + j]
-            s0 += np.float32(v & 15) * xl + np.float32(v >> 4) * xh
-            v = q[l, r0 + 1, o + j]
-            s1 += np.float32(v & 15) * xl + np.float32(v >> 4) * xh
-            v = q[l, r0 + 2, o + j]
-            s2 += np.float32(v & 15) * xl + np.float32(v >> 4) * xh
-            v = q[l, r0 + 3, o + j]
-            s3 += np.float32(v & 15) * xl + np.float32(v >> 4) * xh
-        xs = xsum[b]
-        sc = w.scales
-        a0 += half[sc[l, r0, 2 * b]] * s0 + half[sc[l, r0, 2 * b + 1]] * xs
-        a1 += half[sc[l, r0 + 1, 2 * b]] * s1 + half[sc[l, r0 + 1, 2 * b + 1]] * xs
-        a2 += half[sc[l, r0 + 2, 2 * b]] * s2 + half[sc[l, r0 + 2, 2 * b + 1]] * xs
-        a3 += half[sc[l, r0 + 3, 2 * b]] * s3 + half[sc[l, r0 + 3, 2 * b + 1]] * xs
-    return a0, a1, a2, a3
-
-
-@jit
-def dot4_q8(w, half, l, r0, x):
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    q = w.q8
-    for b in range(w.cols // BLOCK):
-        s0 = s1 = s2 = s3 = np.float32(0.0)
-        for j in range(BLOCK * b, BLOCK * b + BLOCK):
-            xj = x[j]
-            s0 += np.float32(q[l, r0, j]) * xj
-            s1 += np.float32(q[l, r0 + 1, j]) * xj
-            s2 += np.float32(q[l, r0 + 2, j]) * xj
-            s3 += np.float32(q[l, r0 + 3, j]) * xj
-        sc = w.scales
-        a0 += half[sc[l, r0, b]] * s0
-        a1 += half[sc[l, r0 + 1, b]] * s1
-        a2 += half[sc[l, r0 + 2, b]] * s2
-        a3 += half[sc[l, r0 + 3, b]] * s3
-    return a0, a1, a2, a3
-
-
-@jit
 def dot4_f16(w, half, l, r0, x):
     a0 = a1 = a2 = a3 = np.float32(0.0)
     f = w.f16
@@ -151,11 +106,7 @@ def dot4_f32(w, l, r0, x):
 
 
 @jit
-def dot4(w, half, l, r0, x, xsum):
-    if w.fmt == Q4:
-        return dot4_q4(w, half, l, r0, x, xsum)
-    if w.fmt == Q8:
-        return dot4_q8(w, half, l, r0, x)
+def dot4(w, half, l, r0, x):
     if w.fmt == F16:
         return dot4_f16(w, half, l, r0, x)
     return dot4_f32(w, l, r0, x)
@@ -166,69 +117,120 @@ def dot4(w, half, l, r0, x, xsum):
 
 
 @pjit
-def matmul(w, half, l, x, n_tok, out, xsum, tiles):
-    """out[t, :rows] = W[l] @ x[t, :cols] for t < n_tok.
-
-    Few tokens (decode): matrix-vector kernels straight from the quantized rows, 4 rows at a time.
-    More tokens (prefill, batched decode): each tile of rows is dequantized once into a per-thread
-    buffer and used for every token, so the weights are read once per step whatever the batch.
-    """
+def gemv(w, half, l, x, n_tok, out, xsum):
+    """out[t] = W[l] @ x[t] straight from the weights: quantized rows through the vector
+    intrinsics of engine/simd.py, float rows 4 at a time."""
     N = w.rows
     K = w.cols
+    if w.fmt == Q4:
+        for t in range(n_tok):
+            for b in range(K // BLOCK):
+                s = np.float32(0.0)
+                for j in range(BLOCK * b, BLOCK * b + BLOCK):
+                    s += x[t, j]
+                xsum[t, b] = s
+        for r in prange(N):
+            for t in range(n_tok):
+                out[t, r] = dot_q4_row(w.q4[l, r], w.scales[l, r], x[t], xsum[t])
+        return
+    if w.fmt == Q8:
+        for r in prange(N):
+            for t in range(n_tok):
+                out[t, r] = dot_q8_row(w.q8[l, r], w.scales[l, r], x[t])
+        return
+    for g in prange(N // 4):
+        r0 = 4 * g
+        for t in range(n_tok):
+            a0, a1, a2, a3 = dot4(w, half, l, r0, x[t])
+            out[t, r0] = a0
+            out[t, r0 + 1] = a1
+            out[t, r0 + 2] = a2
+            out[t, r0 + 3] = a3
+    for r in range(N - N % 4, N):  # tail rows
+        for t in range(n_tok):
+            a = np.float32(0.0)
+            for k in range(K):
+                a += x[t, k] * (half[w.f16[l, r, k]] if w.fmt == F16 else w.f32[l, r, k])
+            out[t, r] = a
+
+
+@pjit
+def matmul(w, half, l, x, n_tok, out, xsum, wtiles):
+    """out[t, :rows] = W[l] @ x[t, :cols] for t < n_tok.
+
+    Few tokens (decode): matrix-vector kernels straight from the quantized rows.
+    More tokens (prefill, batched decode): each thread dequantizes a tile of GEMM_TILE rows into
+    its own buffer and multiplies it by all tokens, so the weights are read once per step
+    whatever the batch, and the model is never held in float32.
+    """
     if n_tok <= GEMV_MAX_TOKENS:
-        if w.fmt == Q4:
-            for t in range(n_tok):
-                for b in range(K // BLOCK):
-                    s = np.float32(0.0)
-                    for j in range(BLOCK * b, BLOCK * b + BLOCK):
-                        s += x[t, j]
-                    xsum[t, b] = s
-        for g in prange(N // 4):
-            r0 = 4 * g
-            for t in range(n_tok):
-                a0, a1, a2, a3 = dot4(w, half, l, r0, x[t], xsum[t])
-                out[t, r0] = a0
-                out[t, r0 + 1] = a1
-                out[t, r0 + 2] = a2
-                out[t, r0 + 3] = a3
-        for r in range(N - N % 4, N):  # tail rows
-            row = tiles[0, 0]
-            dequant_row(w, half, l, r, row)
-            for t in range(n_tok):
-                a = np.float32(0.0)
-                for k in range(K):
-                    a += row[k] * x[t, k]
-                out[t, r] = a
-    else:
-        n_tiles = (N + TILE_ROWS - 1) // TILE_ROWS
-        for i in prange(n_tiles):
-            tile = tiles[get_thread_id()]
-            r0 = i * TILE_ROWS
-            n_rows = min(TILE_ROWS, N - r0)
-            for r in range(TILE_ROWS):
-                if r < n_rows:
-                    dequant_row(w, half, l, r0 + r, tile[r])
-                else:
-                    tile[r, :K] = 0.0
-            for t in range(n_tok):
-                xt = x[t]
-                for r in range(0, TILE_ROWS, 4):
-                    a0 = a1 = a2 = a3 = np.float32(0.0)
-                    for k in range(K):
-                        xk = xt[k]
-                        a0 += tile[r, k] * xk
-                        a1 += tile[r + 1, k] * xk
-                        a2 += tile[r + 2, k] * xk
-                        a3 += tile[r + 3, k] * xk
-                    if r + 3 < n_rows:
-                        out[t, r0 + r] = a0
-                        out[t, r0 + r + 1] = a1
-                        out[t, r0 + r + 2] = a2
-                        out[t, r0 + r + 3] = a3
-                    else:
-                        for i4, a in enumerate((a0, a1, a2)):
-                            if r + i4 < n_rows:
-                                out[t, r0 + r + i4] = a
+        gemv(w, half, l, x, n_tok, out, xsum)
+        return
+    N = w.rows
+    K = w.cols
+    for i in prange((N + GEMM_TILE - 1) // GEMM_TILE):
+        r0 = i * GEMM_TILE
+        nr = min(GEMM_TILE, N - r0)
+        wt = wtiles[get_thread_id(), : GEMM_TILE * K].reshape(GEMM_TILE, K)
+        for r in range(nr):
+            dequant_row(w, half, l, r0 + r, wt[r])
+        for r in range(nr, GEMM_TILE):
+            wt[r, :] = 0.0
+        tile_product(wt, x, n_tok, K, out, r0, nr)
+
+
+@jit
+def tile_product(wt, x, n_tok, K, out, r0, nr):
+    """out[t, r0 + r] = wt[r] . x[t] for a dense tile: 4 rows x 2 tokens per pass, so each
+    loaded weight serves 2 tokens and each activation 4 rows (8 independent accumulators)."""
+    for t0 in range(0, n_tok, GEMM_TOKENS):
+        tile_product_tokens(wt, x, t0, min(n_tok, t0 + GEMM_TOKENS), K, out, r0, nr)
+
+
+@jit
+def tile_product_tokens(wt, x, t0, t1, K, out, r0, nr):
+    for r in range(0, wt.shape[0], 4):
+        for t in range(t0, t1 - 1, 2):
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            for k in range(K):
+                xk = x[t, k]
+                yk = x[t + 1, k]
+                w0 = wt[r, k]
+                w1 = wt[r + 1, k]
+                w2 = wt[r + 2, k]
+                w3 = wt[r + 3, k]
+                a0 += w0 * xk
+                a1 += w1 * xk
+                a2 += w2 * xk
+                a3 += w3 * xk
+                b0 += w0 * yk
+                b1 += w1 * yk
+                b2 += w2 * yk
+                b3 += w3 * yk
+            store4(out, t, r0, r, nr, a0, a1, a2, a3)
+            store4(out, t + 1, r0, r, nr, b0, b1, b2, b3)
+        if (t1 - t0) % 2:
+            t = t1 - 1
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(K):
+                xk = x[t, k]
+                a0 += wt[r, k] * xk
+                a1 += wt[r + 1, k] * xk
+                a2 += wt[r + 2, k] * xk
+                a3 += wt[r + 3, k] * xk
+            store4(out, t, r0, r, nr, a0, a1, a2, a3)
+
+
+@jit
+def store4(out, t, r0, r, nr, a0, a1, a2, a3):
+    if r < nr:
+        out[t, r0 + r] = a0
+    if r + 1 < nr:
+        out[t, r0 + r + 1] = a1
+    if r + 2 < nr:
+        out[t, r0 + r + 2] = a2
+    if r + 3 < nr:
+        out[t, r0 + r + 3] = a3
 
 
 # --------------------------------------------------------------------------------------------

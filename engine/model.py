@@ -47,7 +47,7 @@ class Buffers(NamedTuple):
     hidden: np.ndarray  # silu(gate) * up [T, d_ffn]
     head_in: np.ndarray  # rows that get logits [T, d_model]
     xsum: np.ndarray  # per-block sums of a matrix-vector input [T, max_cols / 32]
-    tiles: np.ndarray  # per-thread dequantized rows [threads, TILE_ROWS, max_cols]
+    wtiles: np.ndarray  # per-thread dequantized weight tile [threads, GEMM_TILE * max_cols]
     scores: np.ndarray  # per-thread attention scores [threads, context]
 
 
@@ -59,24 +59,24 @@ def forward(tokens, positions, token_seq, block_tables, logit_rows,
     for l in range(dims.n_layers):
         # attention block
         K.rmsnorm(buf.x, w.attn_norm[l], dims.rms_eps, T, buf.xn)
-        K.matmul(w.qkv, half, l, buf.xn, T, buf.qkv, buf.xsum, buf.tiles)
+        K.matmul(w.qkv, half, l, buf.xn, T, buf.qkv, buf.xsum, buf.wtiles)
         K.rope_and_store(buf.qkv, T, positions, token_seq, block_tables, l, k_cache, v_cache,
                          rope_cos, rope_sin, dims.n_heads, dims.n_kv_heads, dims.head_dim)
         K.attention(buf.qkv, T, positions, token_seq, block_tables, l, k_cache, v_cache,
                     dims.n_heads, dims.n_kv_heads, dims.head_dim, buf.scores, buf.att)
-        K.matmul(w.wo, half, l, buf.att, T, buf.tmp, buf.xsum, buf.tiles)
+        K.matmul(w.wo, half, l, buf.att, T, buf.tmp, buf.xsum, buf.wtiles)
         K.add_into(buf.x, buf.tmp, T)
         # feed-forward block
         K.rmsnorm(buf.x, w.ffn_norm[l], dims.rms_eps, T, buf.xn)
-        K.matmul(w.gate_up, half, l, buf.xn, T, buf.gate_up, buf.xsum, buf.tiles)
+        K.matmul(w.gate_up, half, l, buf.xn, T, buf.gate_up, buf.xsum, buf.wtiles)
         K.silu_mul(buf.gate_up, dims.d_ffn, T, buf.hidden)
-        K.matmul(w.down, half, l, buf.hidden, T, buf.tmp, buf.xsum, buf.tiles)
+        K.matmul(w.down, half, l, buf.hidden, T, buf.tmp, buf.xsum, buf.wtiles)
         K.add_into(buf.x, buf.tmp, T)
     R = logit_rows.size
     for i in range(R):
         buf.head_in[i] = buf.x[logit_rows[i]]
     K.rmsnorm(buf.head_in, w.out_norm, dims.rms_eps, R, buf.xn)
-    K.matmul(w.head, half, 0, buf.xn, R, logits, buf.xsum, buf.tiles)
+    K.matmul(w.head, half, 0, buf.xn, R, logits, buf.xsum, buf.wtiles)
 
 
 def rope_tables(context: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +127,8 @@ class Model:
             x=f(T, cfg.d_model), xn=f(T, cfg.d_model), qkv=f(T, w.qkv.rows),
             att=f(T, cfg.d_model), tmp=f(T, cfg.d_model), gate_up=f(T, 2 * cfg.d_ffn),
             hidden=f(T, cfg.d_ffn), head_in=f(T, cfg.d_model), xsum=f(T, max_cols // K.BLOCK),
-            tiles=f(threads, K.TILE_ROWS, max_cols), scores=f(threads, cfg.context_length),
+            wtiles=f(threads, K.GEMM_TILE * max_cols),
+            scores=f(threads, cfg.context_length),
         )
 
     # -- the step ----------------------------------------------------------------------------

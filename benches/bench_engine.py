@@ -1,0 +1,139 @@
+"""Engine throughput on the real model: decode (1 stream), prefill (512 tokens), batched decode
+(B=16), each with bytes of weights read per token and achieved GB/s next to the read bandwidth
+measured in the same run; cold/warm JIT start; and llama.cpp on the same file when installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from benches.conftest import REPORT
+from engine.model import Model
+
+THREADS = int(os.environ.get("WAFER_THREADS", "2"))
+CONTEXT = 64  # decode steps run at this context length
+PREFILL = 512
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    m = Model(model_path, max_batch=BATCH, threads=THREADS)
+    m.warmup()
+    return m
+
+
+def _sequence(model, n_tokens):
+    blocks = model.kv.allocator.allocate(model.kv.blocks_for(n_tokens))
+    return blocks, np.array(blocks, np.int32)
+
+
+def _row(model, tok_s, bandwidth, per_token_bytes=None):
+    per_token_bytes = per_token_bytes or model.weight_bytes_per_token()
+    gbs = tok_s * per_token_bytes / 1e9
+    return {"tok/s": round(tok_s, 1), "GMAC/s": round(tok_s * model.macs_per_token() / 1e9, 2),
+            "weight_MB/token": round(per_token_bytes / 1e6, 1), "GB/s": round(gbs, 2),
+            "of_read_bw": f"{gbs / bandwidth:.0%}"}
+
+
+def test_decode_one_stream(benchmark, model, read_bandwidth_gbs):
+    blocks, table = _sequence(model, CONTEXT + 1)
+    prompt = np.arange(1, CONTEXT + 1, dtype=np.int32)
+    model.prefill(prompt, table, 0)
+    tok, pos, tables = np.array([42], np.int32), np.array([CONTEXT], np.int32), table[None]
+    benchmark.pedantic(model.decode, args=(tok, pos, tables), rounds=60, warmup_rounds=5)
+    model.kv.allocator.free(blocks)
+    tok_s = 1.0 / benchmark.stats.stats.median
+    REPORT["decode B=1"] = row = _row(model, tok_s, read_bandwidth_gbs)
+    benchmark.extra_info.update(row)
+
+
+def test_prefill_512(benchmark, model, read_bandwidth_gbs):
+    blocks, table = _sequence(model, PREFILL)
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, PREFILL).astype(np.int32)
+    benchmark.pedantic(model.prefill, args=(prompt, table, 0), rounds=3, warmup_rounds=1)
+    model.kv.allocator.free(blocks)
+    tok_s = PREFILL / benchmark.stats.stats.median
+    # weights are read once per 512-token step; MACs exclude the head (only the last token's logits)
+    row = _row(model, tok_s, read_bandwidth_gbs, model.weight_bytes_per_token() / PREFILL)
+    REPORT["prefill 512"] = row
+    benchmark.extra_info.update(row)
+
+
+def test_batched_decode_16(benchmark, model, read_bandwidth_gbs):
+    tables = np.zeros((BATCH, model.kv.blocks_for(CONTEXT + 1)), np.int32)
+    owned = []
+    for i in range(BATCH):
+        blocks, table = _sequence(model, CONTEXT + 1)
+        owned.append(blocks)
+        tables[i] = table
+        model.prefill(np.arange(1, CONTEXT + 1, dtype=np.int32) + i, table, 0)
+    toks = np.full(BATCH, 42, np.int32)
+    pos = np.full(BATCH, CONTEXT, np.int32)
+    benchmark.pedantic(model.decode, args=(toks, pos, tables), rounds=20, warmup_rounds=2)
+    for blocks in owned:
+        model.kv.allocator.free(blocks)
+    tok_s = BATCH / benchmark.stats.stats.median
+    row = _row(model, tok_s, read_bandwidth_gbs, model.weight_bytes_per_token() / BATCH)
+    if "prefill 512" in REPORT:
+        row["vs_prefill"] = round(tok_s / REPORT["prefill 512"]["tok/s"], 2)
+    REPORT[f"decode B={BATCH} (aggregate)"] = row
+    benchmark.extra_info.update(row)
+
+
+START_SCRIPT = """
+import time, json, sys
+t0 = time.perf_counter()
+from engine.model import Model
+m = Model(sys.argv[1], max_batch=1, threads={threads})
+t1 = time.perf_counter()
+m.warmup()
+t2 = time.perf_counter()
+print(json.dumps({{"load_s": t1 - t0, "jit_s": t2 - t1}}))
+"""
+
+
+def test_cold_and_warm_start(model_path, tmp_path):
+    """Cold: an empty Numba cache (everything compiles). Warm: the same cache, second process."""
+    import json
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    script = START_SCRIPT.format(threads=THREADS)
+    runs = {}
+    for label in ("cold", "warm"):
+        out = subprocess.run([sys.executable, "-c", script, str(model_path)], env=env,
+                             capture_output=True, text=True, timeout=600, check=True)
+        runs[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    REPORT["start (load + JIT)"] = {
+        "cold_jit_s": round(runs["cold"]["jit_s"], 1), "warm_jit_s": round(runs["warm"]["jit_s"], 2),
+        "load_s": round(runs["warm"]["load_s"], 2)}
+
+
+def test_peer_llama_cpp(model_path, read_bandwidth_gbs):
+    """llama.cpp on the same GGUF and thread count, in this run (pip install llama-cpp-python)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="peer bench needs `pip install llama-cpp-python`")
+    llm = llama_cpp.Llama(model_path=str(model_path), n_threads=THREADS, n_threads_batch=THREADS,
+                          n_ctx=1024, n_batch=PREFILL, verbose=False)
+    prompt = np.random.default_rng(0).integers(100, 40000, PREFILL).tolist()
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prefill = PREFILL / (time.perf_counter() - t)
+    llm.reset()
+    llm.eval(prompt[:CONTEXT])
+    n = 64
+    t = time.perf_counter()
+    for i in range(n):
+        llm.eval([prompt[CONTEXT + i]])
+    decode = n / (time.perf_counter() - t)
+    row = {"decode_tok/s": round(decode, 1), "prefill_tok/s": round(prefill, 1)}
+    if "decode B=1" in REPORT:
+        row["wafer/llama.cpp decode"] = round(REPORT["decode B=1"]["tok/s"] / decode, 2)
+    if "prefill 512" in REPORT:
+        row["wafer/llama.cpp prefill"] = round(REPORT["prefill 512"]["tok/s"] / prefill, 2)
+    REPORT["llama.cpp (peer)"] = row
