@@ -17,11 +17,28 @@ Scales are fp16 bits; `half` is the 65536-entry table that turns fp16 bits into 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from pathlib import Path
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import get_thread_id, njit, prange
+
+
+def _cache_dir() -> str:
+    """Numba's on-disk cache does not notice when a jitted function's callees in another file
+    change, so the cache lives in a folder named after the source of every jitted file."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("kernels.py", "simd.py", "model.py")))
+    home = os.environ.get("WAFER_HOME", str(Path.home() / ".cache" / "wafer"))
+    base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(home, "numba")
+    return os.path.join(base, digest.hexdigest()[:16])
+
+
+numba.config.CACHE_DIR = _cache_dir()  # must precede the decorators below
 
 from engine.simd import dot_q4_row, dot_q8_row
 
@@ -270,7 +287,7 @@ def rope_and_store(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v
                    rope_cos, rope_sin, n_heads, n_kv_heads, head_dim):
     """Rotate q and k in place (llama.cpp's 'normal' RoPE: adjacent pairs) and write k, v into
     the paged cache at each token's position."""
-    block_size = k_cache.shape[3]
+    block_size = v_cache.shape[3]
     q_end = n_heads * head_dim
     k_end = q_end + n_kv_heads * head_dim
     half_dim = head_dim // 2
@@ -289,7 +306,7 @@ def rope_and_store(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v
         slot = p % block_size
         for h in range(n_kv_heads):
             for i in range(head_dim):
-                k_cache[l, blk, h, slot, i] = qkv[t, q_end + h * head_dim + i]
+                k_cache[l, blk, h, i, slot] = qkv[t, q_end + h * head_dim + i]
                 v_cache[l, blk, h, slot, i] = qkv[t, k_end + h * head_dim + i]
 
 
@@ -297,8 +314,13 @@ def rope_and_store(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v
 def attention(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v_cache,
               n_heads, n_kv_heads, head_dim, scores, out):
     """Causal grouped-query attention of each token over its sequence's cache, positions
-    0..positions[t] (the current token's k, v are already stored)."""
-    block_size = k_cache.shape[3]
+    0..positions[t] (the current token's k, v are already stored).
+
+    Keys are stored transposed within a block ([head_dim, block_size]) so the scores of a whole
+    block come from head_dim vector multiply-adds, with no horizontal sums; values are
+    [block_size, head_dim] so the weighted sum is a vector multiply-add per position.
+    """
+    block_size = v_cache.shape[3]
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for i in prange(n_tok * n_heads):
@@ -309,28 +331,30 @@ def attention(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v_cach
         table = block_tables[token_seq[t]]
         n_ctx = positions[t] + 1
         qo = h * head_dim
+        for bi in range((n_ctx + block_size - 1) // block_size):
+            kb = k_cache[l, table[bi], kvh]
+            sb = s[bi * block_size : (bi + 1) * block_size]
+            sb[:] = 0.0
+            for d in range(head_dim):
+                qd = qkv[t, qo + d] * scale
+                for j in range(block_size):
+                    sb[j] += qd * kb[d, j]
         best = np.float32(-np.inf)
         for p in range(n_ctx):
-            kv = k_cache[l, table[p // block_size], kvh, p % block_size]
-            dot = np.float32(0.0)
-            for d in range(head_dim):
-                dot += qkv[t, qo + d] * kv[d]
-            dot *= scale
-            s[p] = dot
-            best = max(best, dot)
+            best = max(best, s[p])
         total = np.float32(0.0)
         for p in range(n_ctx):
             e = math.exp(s[p] - best)
             s[p] = e
             total += e
         inv = np.float32(1.0) / total
-        for d in range(head_dim):
-            out[t, qo + d] = 0.0
+        o = out[t, qo : qo + head_dim]
+        o[:] = 0.0
         for p in range(n_ctx):
             vv = v_cache[l, table[p // block_size], kvh, p % block_size]
             wgt = s[p] * inv
             for d in range(head_dim):
-                out[t, qo + d] += wgt * vv[d]
+                o[d] += wgt * vv[d]
 
 
 @pjit

@@ -47,14 +47,16 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Keys and values for every layer: [layers, blocks, kv_heads, block_size, head_dim] float32."""
+    """Keys and values for every layer, float32. Values are [layers, blocks, kv_heads,
+    block_size, head_dim]; keys are transposed within a block, [..., head_dim, block_size], so
+    attention scores a whole block with vector operations."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int, block_size: int):
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (n_layers, num_blocks, n_kv_heads, block_size, head_dim)
         # np.zeros maps pages lazily: an unused pool costs address space, not memory.
-        self.k = np.zeros(shape, dtype=np.float32)
+        self.k = np.zeros(shape[:3] + (head_dim, block_size), dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
         self.allocator = BlockAllocator(num_blocks)
 
@@ -63,4 +65,4 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.k[:, 0, :, 0, :].size * 4
+        return 2 * self.v[:, 0, :, 0, :].size * 4
