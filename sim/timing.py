@@ -1,0 +1,330 @@
+"""Timing: how many cycles a token spends in each region of a placed model (integer, deterministic).
+
+Layout inside a region of R rows x C columns (WaferLLM-style alternating GEMV): a vector lives
+either "along rows" (row i holds slice i, every column has a copy) or "along columns". A GEMV
+whose input lies along rows gives each PE an (input slice x output slice) weight tile; partial
+sums are all-reduced along the R PEs of each column, which leaves the output along columns; the
+next GEMV goes the other way. Per layer (decode, one token, context t):
+
+  phase          compute (SRAM-port bound FMACs)         all-reduce
+  attn norm      -                                       1 value along R
+  QKV            ceil(d/R) x ceil(qkv/C)                 ceil(qkv/C) values along R
+  attention      positions/PE x group x head_dim x 2     group x (head_dim + 2) along R, then c
+  O              ceil(q/C) x ceil(d/R)                   ceil(d/R) along C
+  ffn norm       -                                       1 value along R
+  gate + up      ceil(d/R) x ceil(2 ffn/C)               ceil(2 ffn/C) along R
+  down           ceil(ffn/C) x ceil(d/R)                 ceil(d/R) along C
+  hand-off       -                                       ceil(d/R) values over the gap to the next region
+
+Attention: each KV head owns a block of c = C / n_kv_heads columns; its positions are spread
+over the block's R x c PEs, each holding whole K and V rows, so scores are local; one
+flash-decoding style combine (max, sum, weighted V) reduces over the block.
+
+An all-reduce over a line of n PEs of m fp32 values: reduce towards the middle, each of the
+ceil((n-1)/2) stages costing two hops (there and back for the broadcast) plus
+`reduce_stage_cycles` in the PE, and the m values streamed at the link rate behind it.
+Every phase also pays `phase_overhead_cycles`. GEMV compute runs at min(SIMD width, SRAM ports)
+FMACs per cycle (4 on WSE-3 at 16-bit: ports, not SIMD, bound a GEMV). Embedding: a lookup
+(one phase, the row crosses the region). Head: final norm, GEMV over the vocabulary, argmax along
+C. The sampled token goes back to the embedding (on wafer, or wafer to wafer). Wafer-to-wafer:
+`w2w_latency_ns` + bits / `w2w_bits_per_s`, plus hops to and from the wafer edge.
+
+Pipeline: a region works on one token at a time. With S sequences in flight the gap between a
+sequence's tokens is max(token latency, S x slowest region) (the two circuits of the cyclic
+pipeline). Prompt tokens stream: each enters when the slowest region frees (S x its time when
+shared), the last one then runs the whole path; TTFT is when its sampled token leaves the head.
+This bounds the exact flow-shop recurrence from above and is exact when one region dominates.
+
+Calibration (16-bit, one parameter set for all models; prompt 512 + output 256, plan context 8192):
+  Llama 3.1 8B, 1 x CS-3: 1,800 tok/s public.   Llama 3.1 70B, 4 x CS-3: 450 tok/s public.
+  See CALIBRATION below for the predictions and SENSITIVITY for what each assumed constant does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.hardware import HardwareSpec
+from sim.placement import Plan, Region
+
+COMPONENTS = ("matvec", "reduce", "attention", "sync", "handoff", "wafer_to_wafer")
+
+# Filled in by hand from `python -m sim.timing` (prints both); kept in the docstring's spirit.
+CALIBRATION = """
+llama-3.1-8b  wse3 1 wafer : 1,789 tok/s (public 1,800, -0.6%)
+llama-3.1-70b wse3 4 wafers:   453 tok/s (public   450, +0.7%)
+"""
+
+SENSITIVITY = """
++10% on an assumed constant -> change in tok/s (8B / 70B):
+  reduce_stage_cycles    7 -> 7.7 :  -5.3% / -5.5%   (per-PE cost of a reduction hop: dominant)
+  phase_overhead_cycles  330 -> 363:  -1.6% / -1.0%  (fixed cost per phase, 8 phases per layer)
+  hop_latency_cycles     1 -> 1.1  :  about -1.5%    (two hops per reduction stage)
+  w2w_latency_ns         2000->2200:   0.0% / -0.1%  (3 forward + 1 feedback crossings for 70B)
+  clock_hz               +10%      : +10% / +10%     (everything is counted in cycles)
+  reserved/buffer bytes  +10%      : regions ~0.5% larger, tok/s -0.2%
+"""
+
+
+def line_allreduce(hw: HardwareSpec, n: int, m: int) -> int:
+    """Cycles to all-reduce m fp32 values over a line of n PEs (chained, pipelined)."""
+    if n <= 1:
+        return 0
+    stages = (n - 1 + 1) // 2
+    return stages * (2 * hw.hop_latency_cycles + hw.reduce_stage_cycles) + math.ceil(m / hw.link_fp32_per_cycle)
+
+
+def _gemv(hw: HardwareSpec, rate: float, rows_in: int, cols_out: int) -> int:
+    return math.ceil(rows_in * cols_out / rate)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One region's cycles for one token: a fixed part by component, plus attention that grows
+    with context: ceil(ceil(t / attn_positions_div) * attn_macs_per_position / rate)."""
+
+    fixed: dict
+    attn_positions_div: int = 0
+    attn_macs_per_position: int = 0
+    rate: float = 1.0
+    head_cycles: int = 0  # part of `fixed` spent on the output head (skipped for prompt tokens)
+
+    def attention(self, t: int) -> int:
+        if not self.attn_positions_div:
+            return 0
+        return math.ceil(-(-t // self.attn_positions_div) * self.attn_macs_per_position / self.rate)
+
+    def attention_array(self, t: np.ndarray) -> np.ndarray:
+        if not self.attn_positions_div:
+            return np.zeros_like(t)
+        per_pe = -(-t // self.attn_positions_div)
+        return np.ceil(per_pe * self.attn_macs_per_position / self.rate).astype(np.int64)
+
+    @property
+    def fixed_total(self) -> int:
+        return sum(self.fixed.values())
+
+
+def _hops_between(a: Region, b: Region) -> int:
+    """Fabric hops from region a's near edge to region b's, plus a band turn's re-spread."""
+    dr = max(0, b.row0 - (a.row0 + a.rows), a.row0 - (b.row0 + b.rows))
+    dc = max(0, b.col0 - (a.col0 + a.cols), a.col0 - (b.col0 + b.cols))
+    turn = a.rows if a.row0 != b.row0 else 0
+    return dr + dc + 1 + turn
+
+
+def _edge_hops(r: Region, hw: HardwareSpec) -> int:
+    return min(r.row0, r.col0, hw.pe_rows - r.row0 - r.rows, hw.pe_cols - r.col0 - r.cols) + 1
+
+
+class TimingModel:
+    """Per-token cycles of a placed model; per-region costs are computed once."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.hw = hw = plan.hw
+        self.shape = shape = plan.shape
+        self.rate = hw.gemv_macs_per_cycle(shape.bytes_per_weight)
+        regions = plan.regions
+        self.costs: list[StageCost] = []
+        for i, r in enumerate(regions):
+            nxt = regions[i + 1] if i + 1 < len(regions) else None
+            self.costs.append(self._stage_cost(r, nxt))
+        # Transfers that are not region work: the loop back from head to embedding, and
+        # wafer-to-wafer crossings. Pure delays (links are pipelined), not pipeline occupancy.
+        d_bits = shape.d_model * 16
+        self.transfer: dict[str, int] = {"handoff": 0, "wafer_to_wafer": 0, "sync": 0}
+        for i, r in enumerate(regions[:-1]):
+            nxt = regions[i + 1]
+            if nxt.wafer != r.wafer:
+                self.transfer["wafer_to_wafer"] += self._w2w(d_bits)
+                self.transfer["handoff"] += _edge_hops(r, hw) + _edge_hops(nxt, hw)
+        first, last = regions[0], regions[-1]
+        if first.wafer != last.wafer:
+            self.transfer["wafer_to_wafer"] += self._w2w(32)
+            self.transfer["handoff"] += _edge_hops(last, hw) + _edge_hops(first, hw)
+        elif first is not last:
+            self.transfer["handoff"] += _hops_between(last, first)
+        self.transfer["sync"] += hw.phase_overhead_cycles  # the feedback is one more phase
+        self._fixed_decode = sum(c.fixed_total for c in self.costs) + sum(self.transfer.values())
+        attn = [c for c in self.costs if c.attn_positions_div]
+        # Distinct attention shapes (one per region shape) keep per-token evaluation cheap.
+        self._attn_groups: dict[tuple, int] = {}
+        for c in attn:
+            key = (c.attn_positions_div, c.attn_macs_per_position)
+            self._attn_groups[key] = self._attn_groups.get(key, 0) + 1
+        self._prefill_candidates = self._bottleneck_candidates(prefill=True)
+        self._decode_candidates = self._bottleneck_candidates(prefill=False)
+
+    # --- construction ------------------------------------------------------------------------
+    def _w2w(self, bits: int) -> int:
+        hw = self.hw
+        return hw.ns_to_cycles(hw.w2w_latency_ns) + math.ceil(bits / (hw.w2w_bits_per_s / hw.clock_hz))
+
+    def _stage_cost(self, r: Region, nxt: Region | None) -> StageCost:
+        hw, s, rate = self.hw, self.shape, self.rate
+        R, C = r.rows, r.cols
+        d = s.d_model
+        F = hw.phase_overhead_cycles
+        out = dict.fromkeys(COMPONENTS, 0)
+        phases = 0
+        if nxt is not None and nxt.wafer == r.wafer:
+            out["handoff"] += _hops_between(r, nxt) * hw.hop_latency_cycles + math.ceil(-(-d // R) / hw.link_fp32_per_cycle)
+            phases += 1
+        kind = r.stage.kind
+        head = 0
+        if kind in ("embed", "embed_head"):
+            # The token's row sits in one column; its slices cross the region to the exit edge.
+            out["reduce"] += C * hw.hop_latency_cycles + math.ceil(-(-d // R) / hw.link_fp32_per_cycle)
+            phases += 1
+        if kind in ("head", "embed_head"):
+            v_c = -(-s.vocab_size // C)
+            head = (line_allreduce(hw, R, 1) + _gemv(hw, rate, -(-d // R), v_c)
+                    + line_allreduce(hw, R, v_c) + line_allreduce(hw, C, 2) + 3 * F)
+            out["reduce"] += line_allreduce(hw, R, 1) + line_allreduce(hw, R, v_c) + line_allreduce(hw, C, 2)
+            out["matvec"] += _gemv(hw, rate, -(-d // R), v_c)
+            phases += 3
+        if kind != "layer":
+            out["sync"] += phases * F
+            return StageCost(out, rate=rate, head_cycles=head)
+        q, kv, qkv, ffn = s.q_dim, s.kv_dim, s.qkv_dim, s.d_ffn
+        d_r = -(-d // R)
+        out["matvec"] += (_gemv(hw, rate, d_r, -(-qkv // C)) + _gemv(hw, rate, -(-q // C), d_r)
+                          + _gemv(hw, rate, d_r, -(-2 * ffn // C)) + _gemv(hw, rate, -(-ffn // C), d_r))
+        out["reduce"] += (2 * line_allreduce(hw, R, 1) + line_allreduce(hw, R, -(-qkv // C))
+                          + line_allreduce(hw, C, d_r) + line_allreduce(hw, R, -(-2 * ffn // C))
+                          + line_allreduce(hw, C, d_r))
+        # Attention: KV heads over column blocks; several heads share a column when C < n_kv.
+        group = s.n_heads // s.n_kv_heads
+        block_cols = max(1, C // s.n_kv_heads)
+        heads_per_block = -(-s.n_kv_heads // min(C, s.n_kv_heads))
+        m = group * (s.head_dim + 2) * heads_per_block
+        out["attention"] += line_allreduce(hw, R, m) + line_allreduce(hw, block_cols, m)
+        phases += 7
+        out["sync"] += phases * F
+        return StageCost(out, attn_positions_div=R * block_cols,
+                         attn_macs_per_position=2 * group * s.head_dim * heads_per_block, rate=rate)
+
+    def _bottleneck_candidates(self, prefill: bool) -> list[StageCost]:
+        """Stages that can be the slowest: per attention shape the one with the largest fixed
+        part, plus the largest stage without attention."""
+        best: dict[tuple, StageCost] = {}
+        for c in self.costs:
+            key = (c.attn_positions_div, c.attn_macs_per_position)
+            fixed = c.fixed_total - (c.head_cycles if prefill else 0)
+            if key not in best or fixed > best[key].fixed_total - (best[key].head_cycles if prefill else 0):
+                best[key] = c
+        return list(best.values())
+
+    # --- queries -----------------------------------------------------------------------------
+    def token_breakdown(self, t: int) -> dict[str, int]:
+        """Cycles by component for one decode token attending over t positions (the full loop:
+        embedding, every layer, head, and back)."""
+        out = dict.fromkeys(COMPONENTS, 0)
+        for c in self.costs:
+            for k, v in c.fixed.items():
+                out[k] += v
+            out["attention"] += c.attention(t)
+        for k, v in self.transfer.items():
+            out[k] += v
+        return out
+
+    def token_cycles(self, t: int) -> int:
+        """Latency of one decode token at context t (sampled token to next sampled token)."""
+        return self._fixed_decode + sum(
+            n * math.ceil(-(-t // div) * macs / self.rate) for (div, macs), n in self._attn_groups.items())
+
+    def token_cycles_array(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.int64)
+        out = np.full(t.shape, self._fixed_decode, dtype=np.int64)
+        for (div, macs), n in self._attn_groups.items():
+            out += n * np.ceil(-(-t // div) * macs / self.rate).astype(np.int64)
+        return out
+
+    def bottleneck_cycles(self, t: int, prefill: bool = False) -> int:
+        """Occupancy of the slowest region for a token at context t."""
+        cands = self._prefill_candidates if prefill else self._decode_candidates
+        return max(c.fixed_total - (c.head_cycles if prefill else 0) + c.attention(t) for c in cands)
+
+    def bottleneck_cycles_array(self, t: np.ndarray, prefill: bool = False) -> np.ndarray:
+        t = np.asarray(t, dtype=np.int64)
+        cands = self._prefill_candidates if prefill else self._decode_candidates
+        return np.max([c.fixed_total - (c.head_cycles if prefill else 0) + c.attention_array(t)
+                       for c in cands], axis=0)
+
+    def itl_cycles(self, t: int, sequences: int = 1) -> int:
+        """Gap between consecutive tokens of one sequence with `sequences` in flight."""
+        return max(self.token_cycles(t), sequences * self.bottleneck_cycles(t))
+
+    def itl_cycles_array(self, t: np.ndarray, sequences: int = 1) -> np.ndarray:
+        return np.maximum(self.token_cycles_array(t), sequences * self.bottleneck_cycles_array(t))
+
+    def last_prompt_token_cycles(self, t: int) -> int:
+        """From the last prompt token entering the embedding to its sampled token leaving the
+        head: the decode loop minus the feedback transfers."""
+        return self.token_cycles(t) - sum(self.transfer.values()) + self._forward_transfers
+
+    @functools.cached_property
+    def _forward_transfers(self) -> int:
+        """Wafer crossings on the forward path (the decode loop also has the feedback one)."""
+        regions = self.plan.regions
+        hw, d_bits = self.hw, self.shape.d_model * 16
+        total = 0
+        for a, b in zip(regions, regions[1:]):
+            if a.wafer != b.wafer:
+                total += self._w2w(d_bits) + _edge_hops(a, hw) + _edge_hops(b, hw)
+        return total
+
+    def ttft_cycles(self, prompt: int, cached: int = 0, sequences: int = 1) -> int:
+        """Arrival to first sampled token for a prompt of `prompt` tokens, `cached` of which
+        already have KV entries, with `sequences` sharing the pipeline."""
+        if prompt < 1:
+            raise ValueError(f"prompt={prompt} must be >= 1")
+        cached = min(max(cached, 0), prompt - 1)
+        # Token at position p attends over p + 1 positions; all but the last stream in.
+        pos = np.arange(cached + 1, prompt, dtype=np.int64)
+        stream = int(sequences * self.bottleneck_cycles_array(pos, prefill=True).sum()) if pos.size else 0
+        return stream + self.last_prompt_token_cycles(prompt)
+
+    def departure_cycles(self, prompt: int, n_tokens: int, cached: int = 0, sequences: int = 1) -> np.ndarray:
+        """Cycle offsets from arrival at which each of n_tokens sampled tokens leaves the wafer."""
+        if n_tokens < 1:
+            return np.zeros(0, dtype=np.int64)
+        first = self.ttft_cycles(prompt, cached, sequences)
+        gaps = self.itl_cycles_array(np.arange(prompt + 1, prompt + n_tokens, dtype=np.int64), sequences)
+        return first + np.concatenate(([0], np.cumsum(gaps)))
+
+
+def summarize(tm: TimingModel, prompt: int, output: int, sequences: int = 1) -> dict:
+    """What `wafer sim run` reports: latency breakdown, tok/s per user, pipeline throughput, TTFT."""
+    hw = tm.hw
+    dep = tm.departure_cycles(prompt, output, 0, sequences)
+    ttft = int(dep[0])
+    decode_span = int(dep[-1] - dep[0]) if output > 1 else 0
+    mean_itl = decode_span / (output - 1) if output > 1 else float(tm.itl_cycles(prompt + 1, sequences))
+    t_mid = prompt + max(output // 2, 1)
+    bd = tm.token_breakdown(t_mid)
+    per_user = hw.clock_hz / mean_itl
+    return {
+        "model": tm.shape.name,
+        "hardware": hw.name,
+        "wafers": tm.plan.n_wafers,
+        "prompt": prompt,
+        "output": output,
+        "sequences": sequences,
+        "token_latency_us": hw.cycles_to_us(tm.token_cycles(t_mid)),
+        "token_latency_cycles": tm.token_cycles(t_mid),
+        "breakdown_cycles": bd,
+        "breakdown_context": t_mid,
+        "slowest_region_us": hw.cycles_to_us(tm.bottleneck_cycles(t_mid)),
+        "mean_itl_us": hw.cycles_to_us(mean_itl),
+        "tokens_per_s_per_user": per_user,
+        "pipeline_tokens_per_s": per_user * sequences,
+        "max_pipeline_tokens_per_s": hw.clock_hz / tm.bottleneck_cycles(t_mid),
+        "ttft_us": hw.cycles_to_us(ttft),
+        "ttft_cycles": ttft,
+    }
