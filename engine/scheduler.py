@@ -230,7 +230,7 @@ class Scheduler:
         self._inbox: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._pending_new = 0         # submitted, not yet admitted (the bounded queue)
+        self._pending_new = 0         # submitted, not yet scheduled once (the bounded queue)
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -375,9 +375,13 @@ class Scheduler:
                 for s in list(self.sessions.values()):
                     self._close_session(s, "shutdown")
 
-    def _admit_request(self, req: Request) -> None:
+    def _unqueue(self) -> None:
         with self._lock:
             self._pending_new -= 1
+
+    def _admit_request(self, req: Request) -> None:
+        if req.done or (req.session is not None and req.session.closed):
+            self._unqueue()
         if req.done:  # cancelled while in the inbox
             self.publish([(req, FinishEvent(FINISH_CANCELLED, SeqStats(arrival_ns=req.arrival_ns)))])
             return
@@ -401,6 +405,7 @@ class Scheduler:
                 target = old + list(req.prompt)
                 common = seq.num_computed
             if len(target) > self.context_length:
+                self._unqueue()
                 req.done = True
                 self.publish([(req, FinishEvent(FINISH_LENGTH, SeqStats(), error=(
                     f"conversation of {len(target)} tokens exceeds the model's context of "
@@ -562,11 +567,16 @@ class Scheduler:
         self.decode_ns_total += dt
         self.last_batch_size = B
         self.max_batch_seen = max(self.max_batch_seen, B)
+        # plain greedy rows (no repetition penalty) are decided by one argmax over the batch
+        plain = [s.sampler.params.temperature == 0.0 and s.sampler.params.repetition_penalty == 1.0
+                 for s in batch]
+        picks = logits.argmax(axis=1) if any(plain) else None
         for i, seq in enumerate(batch):
             seq.num_computed = seq.n_tokens
             if seq.stats.max_batch_size < B:
                 seq.stats.max_batch_size = B
-            self._sample_and_emit(seq, logits[i], dt, B, items)
+            self._sample_and_emit(seq, logits[i], dt, B, items,
+                                  int(picks[i]) if plain[i] else None)
         return B
 
     # ---------------------------------------------------------------- prefill
@@ -596,6 +606,7 @@ class Scheduler:
                 self.running.append(seq)
                 if not seq.scheduled:
                     seq.scheduled = True
+                    self._unqueue()
                     seq.stats.queue_ns = time.monotonic_ns() - seq.stats.arrival_ns
             start = seq.num_computed
             toks = seq.tokens[start : start + n]
@@ -617,10 +628,10 @@ class Scheduler:
     # ---------------------------------------------------------------- sampling / finishing
 
     def _sample_and_emit(self, seq: Sequence, logits: np.ndarray, step_ns: int, batch: int,
-                         items: list) -> None:
+                         items: list, tok: int | None = None) -> None:
         req = seq.req
-        history = seq.tokens[: seq.n_tokens]
-        tok = int(seq.sampler.sample(logits, history))
+        if tok is None:
+            tok = int(seq.sampler.sample(logits, seq.tokens[: seq.n_tokens]))
         lp = top = None
         n_lp = int(getattr(req.params, "logprobs", 0) or 0)
         if n_lp > 0:
@@ -655,6 +666,9 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            if not seq.scheduled:
+                seq.scheduled = True
+                self._unqueue()
         sess = req.session
         if sess is None:
             self._free(seq)

@@ -125,6 +125,9 @@ def test_bounded_waiting_queue(path):
         sched.submit(Request([1, 2], greedy(4)))
     with pytest.raises(QueueFull, match="max_waiting=3"):
         sched.submit(Request([1, 2], greedy(4)))
+    sched._apply_commands()  # in the waiting queue, not yet scheduled: still counted
+    with pytest.raises(QueueFull, match="max_waiting=3"):
+        sched.submit(Request([1, 2], greedy(4)))
     run(sched)
     sched.submit(Request([1, 2], greedy(4)))  # room again once admitted
 
