@@ -13,6 +13,7 @@ from engine import fetch
 SUBCOMMAND_MODULES = [
     "engine.generate_cli",  # generate
     "engine.server.cli",
+    "sim.cli",
 ]
 
 

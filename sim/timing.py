@@ -35,9 +35,22 @@ pipeline). Prompt tokens stream: each enters when the slowest region frees (S x 
 shared), the last one then runs the whole path; TTFT is when its sampled token leaves the head.
 This bounds the exact flow-shop recurrence from above and is exact when one region dominates.
 
-Calibration (16-bit, one parameter set for all models; prompt 512 + output 256, plan context 8192):
-  Llama 3.1 8B, 1 x CS-3: 1,800 tok/s public.   Llama 3.1 70B, 4 x CS-3: 450 tok/s public.
-  See CALIBRATION below for the predictions and SENSITIVITY for what each assumed constant does.
+Calibration (16-bit, one parameter set for all models; prompt 512 + output 256, plan context
+8192; `wafer sim calibrate` reproduces these):
+  Llama 3.1 8B,  1 x CS-3: predicted 1,808 tok/s vs 1,800 public (+0.4%); 553 us/token,
+                 ~17 us per layer of which ~30% GEMV, ~45% reductions, ~15% attention.
+  Llama 3.1 70B, 4 x CS-3: predicted   453 tok/s vs   450 public (+0.6%); min wafers = 4.
+The two unpublished constants were solved from these two points (the model is linear in them):
+reduce_stage_cycles = 24, phase_overhead_cycles = 230. Sensitivity of tok/s (8B / 70B):
+  reduce_stage_cycles   +10% (24 -> 26)     -3.8% / -4.7%   reductions dominate; hops scale with
+                                                            the region side, larger for 70B
+  phase_overhead_cycles +10% (230 -> 253)   -1.0% / -0.6%   8 phases per layer
+  hop_latency_cycles    1 -> 2              -3.9% / -4.8%   two hops per reduction stage
+  w2w_latency_ns        +10%                 0.0% / -0.0%   4 crossings x 2 us of a 2.2 ms token
+  clock_hz              +10%               +10.0% / +10.0%  everything is counted in cycles
+  reserved/buffer bytes +10%                 0.0% / +0.1%   regions grow by a few PEs
+A GEMV is bound by SRAM ports (reads and the write both allow 4 FMAC/cycle at 16-bit), not by
+the 8-wide SIMD; matvec is ~30% of a token, so even doubling both ports gains less than 20%.
 """
 
 from __future__ import annotations
@@ -52,23 +65,6 @@ from sim.hardware import HardwareSpec
 from sim.placement import Plan, Region
 
 COMPONENTS = ("matvec", "reduce", "attention", "sync", "handoff", "wafer_to_wafer")
-
-# Filled in by hand from `python -m sim.timing` (prints both); kept in the docstring's spirit.
-CALIBRATION = """
-llama-3.1-8b  wse3 1 wafer : 1,789 tok/s (public 1,800, -0.6%)
-llama-3.1-70b wse3 4 wafers:   453 tok/s (public   450, +0.7%)
-"""
-
-SENSITIVITY = """
-+10% on an assumed constant -> change in tok/s (8B / 70B):
-  reduce_stage_cycles    7 -> 7.7 :  -5.3% / -5.5%   (per-PE cost of a reduction hop: dominant)
-  phase_overhead_cycles  330 -> 363:  -1.6% / -1.0%  (fixed cost per phase, 8 phases per layer)
-  hop_latency_cycles     1 -> 1.1  :  about -1.5%    (two hops per reduction stage)
-  w2w_latency_ns         2000->2200:   0.0% / -0.1%  (3 forward + 1 feedback crossings for 70B)
-  clock_hz               +10%      : +10% / +10%     (everything is counted in cycles)
-  reserved/buffer bytes  +10%      : regions ~0.5% larger, tok/s -0.2%
-"""
-
 
 def line_allreduce(hw: HardwareSpec, n: int, m: int) -> int:
     """Cycles to all-reduce m fp32 values over a line of n PEs (chained, pipelined)."""
