@@ -61,11 +61,12 @@ class ModelRuntime:
     """A loaded model and its scheduler, owned by one engine thread."""
 
     def __init__(self, entry: ModelEntry, options: ServerOptions, metrics: Metrics | None,
-                 emulate: str = ""):
+                 emulate: str = "", pace: str = "realtime"):
         self.entry = entry
         self.options = options
         self.metrics = metrics
         self.emulate = emulate
+        self.pace = pace
         self.model = None
         self.scheduler: sch.Scheduler | None = None
         self.emulator = None
@@ -109,7 +110,7 @@ class ModelRuntime:
             if self.emulate:
                 from engine.server.emulation import Emulator
 
-                self.emulator = Emulator(self.emulate, self.options.pace)
+                self.emulator = Emulator(self.emulate, self.pace)
             cfg = sch.SchedulerConfig(
                 max_batch=e.max_batch, max_waiting=e.max_waiting, prefill_chunk=e.prefill_chunk,
                 session_idle_timeout_s=self.options.session_idle_timeout_s)
@@ -141,13 +142,13 @@ class WaferServer:
         self.options = options or ServerOptions()
         self.metrics = Metrics() if self.options.metrics_port is not None else None
         self.runtimes: dict[tuple, ModelRuntime] = {}
-        for e in registry.served():
-            key = e.engine_key() + (self.emulate_target(e),)
-            if key not in self.runtimes:
-                self.runtimes[key] = ModelRuntime(e, self.options, self.metrics, self.emulate_target(e))
         self._rt_by_name = {}
         for e in registry.served():
-            self._rt_by_name[e.name] = self.runtimes[e.engine_key() + (self.emulate_target(e),)]
+            key = e.engine_key() + (self.emulate_target(e), self.pace_of(e))
+            if key not in self.runtimes:
+                self.runtimes[key] = ModelRuntime(e, self.options, self.metrics, self.emulate_target(e),
+                                                  self.pace_of(e))
+            self._rt_by_name[e.name] = self.runtimes[key]
         self.draining = False
         self.servicer = WaferServicer(self)
         self.health = health.aio.HealthServicer()
@@ -158,6 +159,9 @@ class WaferServer:
 
     def emulate_target(self, entry: ModelEntry) -> str:
         return self.options.emulate or entry.emulate
+
+    def pace_of(self, entry: ModelEntry) -> str:
+        return entry.pace or self.options.pace
 
     def runtime_for(self, entry: ModelEntry) -> ModelRuntime | None:
         return self._rt_by_name.get(entry.name)
@@ -206,7 +210,7 @@ class WaferServer:
         for rt in self.runtimes.values():
             log.info("model %s ready in %.1f s (%s)%s", rt.entry.name, rt.load_seconds,
                      rt.config.quantization,
-                     f", emulating {rt.emulate} pace={self.options.pace}" if rt.emulate else "")
+                     f", emulating {rt.emulate} pace={rt.pace}" if rt.emulate else "")
         log.info("ready: serving %s on %s", ", ".join(e.name for e in self.registry.served()),
                  self.address)
 

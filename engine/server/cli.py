@@ -78,9 +78,12 @@ def serve_cmd(args: argparse.Namespace) -> int:
     if options.emulate or any(e.emulate for e in registry.served()):
         from engine.server.emulation import EmulationError, Emulator
 
-        for target in ({options.emulate} | {e.emulate for e in registry.served()}) - {""}:
+        for e in registry.served():
+            target, pace = options.emulate or e.emulate, e.pace or options.pace
+            if not target:
+                continue
             try:
-                Emulator(target, options.pace)
+                Emulator(target, pace)
             except EmulationError as err:
                 print(f"wafer serve: error: {err}", file=sys.stderr)
                 return 2

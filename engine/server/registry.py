@@ -18,6 +18,7 @@ serves smollm2-135m. Example::
     max_batch = 64                     # engine limits (optional)
     max_waiting = 256
     emulate = "wse3:llama-3.1-8b"      # optional: stamp/pace tokens on a simulated wafer
+    pace = "realtime"                  # or "none" (only stamp); default: wafer serve --pace
 
     [[models]]
     name = "smollm2-135m-2024"
@@ -84,6 +85,7 @@ class ModelEntry:
     sunset: str = ""                    # ISO date
     successor: str = ""
     emulate: str = ""                   # "wse3:llama-3.1-8b"
+    pace: str = ""                      # "realtime" | "none"; "" = the server's --pace
     max_batch: int = 64
     max_waiting: int = 256
     kv_blocks: int | None = None

@@ -1,0 +1,80 @@
+"""Emulation in the server: tokens carry their simulated wafer departure times; with pace
+realtime none leaves before its time; an engine slower than the wafer says how late it is."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.server.app import ServerOptions
+from engine.server.client import Completion, Token, WaferClient
+from engine.server.registry import ModelEntry, Registry
+from engine.server.testing import ServerThread
+from sim.clock import WaferClock
+
+SLOW = "wse3:llama-3.1-405b"   # ~5.6 ms per token: the tiny model keeps up
+FAST = "wse3:smollm2-135m"     # ~0.2 ms per token, ~0.5 ms TTFT: nothing on this CPU keeps up
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    path = str(tiny_gguf("Q4_1", context_length=1024))
+    reg = Registry([
+        ModelEntry(name="tiny", path=path),
+        ModelEntry(name="tiny-paced", path=path, emulate=SLOW, pace="realtime"),
+        ModelEntry(name="tiny-stamped", path=path, emulate=FAST, pace="none"),
+    ])
+    with ServerThread(reg, ServerOptions(port=0, metrics_port=0)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with WaferClient(server.address, timeout=120) as c:
+        yield c
+
+
+def run(client, model, n):
+    t0 = time.monotonic_ns()
+    items = list(client.generate("pace me", model=model, max_tokens=n, temperature=0))
+    return t0, [i for i in items if isinstance(i, Token)], items[-1]
+
+
+def test_realtime_pacing_follows_the_simulated_schedule(client):
+    t0, tokens, done = run(client, "tiny-paced", 24)
+    assert isinstance(done, Completion)
+    n, prompt = len(tokens), done.usage["prompt_tokens"]
+    expected = WaferClock.from_spec(SLOW).departure_times_us(prompt, n)
+    sim = [t.sim_time_us for t in tokens]
+    assert sim == [round(x) for x in expected]
+    # never released before its simulated time (measured from the request's arrival)
+    for t in tokens:
+        assert (t.received_ns - t0) / 1e3 >= t.sim_time_us
+    assert all(t.late_us is not None for t in tokens)
+    e = done.emulation
+    assert e["target"] == SLOW and e["pace"] == "realtime"
+    assert e["sim_ttft_ms"] == pytest.approx(expected[0] / 1e3)
+    assert e["sim_e2e_ms"] == pytest.approx(expected[-1] / 1e3)
+
+
+def test_engine_behind_the_wafer_reports_lateness(client):
+    _, tokens, done = run(client, "tiny-stamped", 16)
+    assert all(t.sim_time_us is not None for t in tokens)
+    e = done.emulation
+    assert e["pace"] == "none" and e["target"] == FAST
+    # the first token cannot beat a 0.5 ms simulated TTFT through gRPC + prefill on a CPU
+    assert tokens[0].late_us > 0
+    assert e["max_late_ms"] > 0 and e["late_tokens"] >= 1
+    assert e["final_lag_ms"] == pytest.approx(tokens[-1].late_us / 1e3)
+
+
+def test_unemulated_model_carries_no_sim_times(client):
+    _, tokens, done = run(client, "tiny", 4)
+    assert all(t.sim_time_us is None and t.late_us is None for t in tokens)
+    assert done.emulation is None
+
+
+def test_model_info_shows_emulation(client):
+    info = {m.name: m for m in client.list_models()}
+    assert info["tiny-paced"].emulate == SLOW and info["tiny"].emulate == ""
