@@ -40,7 +40,7 @@ def _cache_dir() -> str:
 
 numba.config.CACHE_DIR = _cache_dir()  # must precede the decorators below
 
-from engine.simd import dot_q4_row, dot_q8_row
+from engine.simd import axpy16, dot_q4_row, dot_q8_row, exp16, scores16
 
 F32, F16, Q4, Q8 = 0, 1, 3, 8  # GGML type ids (Q4_0 is served by the Q4 kernels)
 BLOCK = 32  # elements per quantization block
@@ -316,9 +316,10 @@ def attention(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v_cach
     """Causal grouped-query attention of each token over its sequence's cache, positions
     0..positions[t] (the current token's k, v are already stored).
 
-    Keys are stored transposed within a block ([head_dim, block_size]) so the scores of a whole
-    block come from head_dim vector multiply-adds, with no horizontal sums; values are
-    [block_size, head_dim] so the weighted sum is a vector multiply-add per position.
+    Keys are stored transposed within a block ([head_dim, block_size]) so sixteen scores come
+    from head_dim vector multiply-adds, with no horizontal sums; values are [block_size,
+    head_dim] so the weighted sum is a vector multiply-add per position. Both run sixteen lanes
+    at a time (engine/simd.py): head_dim and block_size are multiples of 16.
     """
     block_size = v_cache.shape[3]
     group = n_heads // n_kv_heads
@@ -331,30 +332,26 @@ def attention(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v_cach
         table = block_tables[token_seq[t]]
         n_ctx = positions[t] + 1
         qo = h * head_dim
-        for bi in range((n_ctx + block_size - 1) // block_size):
+        n_blocks = (n_ctx + block_size - 1) // block_size
+        for bi in range(n_blocks):
             kb = k_cache[l, table[bi], kvh]
-            sb = s[bi * block_size : (bi + 1) * block_size]
-            sb[:] = 0.0
-            for d in range(head_dim):
-                qd = qkv[t, qo + d] * scale
-                for j in range(block_size):
-                    sb[j] += qd * kb[d, j]
+            for j0 in range(0, block_size, 16):
+                scores16(kb, j0, qkv[t], qo, scale, s, bi * block_size + j0)
         best = np.float32(-np.inf)
         for p in range(n_ctx):
             best = max(best, s[p])
         total = np.float32(0.0)
-        for p in range(n_ctx):
-            e = math.exp(s[p] - best)
-            s[p] = e
-            total += e
+        for p0 in range(0, n_ctx, 16):
+            total += exp16(s, p0, best, n_ctx - p0)
         inv = np.float32(1.0) / total
-        o = out[t, qo : qo + head_dim]
-        o[:] = 0.0
         for p in range(n_ctx):
-            vv = v_cache[l, table[p // block_size], kvh, p % block_size]
-            wgt = s[p] * inv
-            for d in range(head_dim):
-                o[d] += wgt * vv[d]
+            s[p] *= inv
+        out[t, qo : qo + head_dim] = 0.0
+        for bi in range(n_blocks):
+            vb = v_cache[l, table[bi], kvh]
+            n = min(block_size, n_ctx - bi * block_size)
+            for c0 in range(0, head_dim, 16):
+                axpy16(s, bi * block_size, n, vb, c0, out[t], qo + c0)
 
 
 @pjit

@@ -159,3 +159,115 @@ def dot_q8_row(typingctx, q, s, x):
         return _hsum(builder, acc, 32)
 
     return sig, codegen
+
+
+def _shape(context, builder, aryty, ary, dim):
+    return builder.extract_value(context.make_array(aryty)(context, builder, ary).shape, dim)
+
+
+@intrinsic
+def scores16(typingctx, kb, j0, q, qo, scale, out, oo):
+    """out[oo:oo+16] = scale * sum_d q[qo+d] * kb[d, j0:j0+16], kb a [head_dim, n] key block.
+    Sixteen attention scores from head_dim vector multiply-adds held in one register."""
+    sig = types.void(kb, j0, q, qo, scale, out, oo)
+
+    def codegen(context, builder, signature, args):
+        kbt, _, qt, _, _, ot, _ = signature.args
+        kb_ptr = _data(context, builder, kbt, args[0])
+        q_ptr = _data(context, builder, qt, args[2])
+        o_ptr = _data(context, builder, ot, args[5])
+        head_dim = _shape(context, builder, kbt, args[0], 0)
+        row = _shape(context, builder, kbt, args[0], 1)
+        j0v, qov, oov = args[1], args[3], args[6]
+        v16 = _vec(F32, 16)
+
+        def body(d, accs):
+            (acc,) = accs
+            k = _load_vec(builder, kb_ptr, builder.add(builder.mul(d, row), j0v), v16)
+            qd = builder.load(builder.gep(q_ptr, [builder.add(qov, d)]))
+            return [builder.fadd(acc, builder.fmul(k, _splat(builder, qd, 16), flags=("fast",)), flags=("fast",))]
+
+        (acc,) = _block_loop(builder, head_dim, body, [ir.Constant(v16, [0.0] * 16)])
+        acc = builder.fmul(acc, _splat(builder, args[4], 16))
+        p = builder.gep(o_ptr, [oov])
+        builder.store(acc, builder.bitcast(p, v16.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def axpy16(typingctx, w, wo, n, v, c0, out, oo):
+    """out[oo:oo+16] += sum_{p<n} w[wo+p] * v[p, c0:c0+16], v a [n, head_dim] value block.
+    A weighted sum of value rows, sixteen lanes at a time, accumulated in one register."""
+    sig = types.void(w, wo, n, v, c0, out, oo)
+
+    def codegen(context, builder, signature, args):
+        wt, _, _, vt, _, ot, _ = signature.args
+        w_ptr = _data(context, builder, wt, args[0])
+        v_ptr = _data(context, builder, vt, args[3])
+        o_ptr = _data(context, builder, ot, args[5])
+        row = _shape(context, builder, vt, args[3], 1)
+        wov, nv, c0v, oov = args[1], args[2], args[4], args[6]
+        v16 = _vec(F32, 16)
+        out_vec_ptr = builder.bitcast(builder.gep(o_ptr, [oov]), v16.as_pointer())
+        init = builder.load(out_vec_ptr, align=1)
+
+        def body(p, accs):
+            (acc,) = accs
+            vv = _load_vec(builder, v_ptr, builder.add(builder.mul(p, row), c0v), v16)
+            wp = builder.load(builder.gep(w_ptr, [builder.add(wov, p)]))
+            return [builder.fadd(acc, builder.fmul(vv, _splat(builder, wp, 16), flags=("fast",)), flags=("fast",))]
+
+        (acc,) = _block_loop(builder, nv, body, [init])
+        builder.store(acc, out_vec_ptr, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# Cephes' single-precision exp: exp(x) = 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2 (~1 ulp).
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+             1.6666665459e-1, 5.0000001201e-1)
+
+
+def _vexp(builder, module, x, n):
+    vf = _vec(F32, n)
+
+    def c(v):
+        return ir.Constant(vf, [v] * n)
+
+    name = f"llvm.floor.v{n}f32"
+    floor = module.globals.get(name) or ir.Function(module, ir.FunctionType(vf, [vf]), name=name)
+    x = builder.select(builder.fcmp_ordered("<", x, c(-87.33654)), c(-87.33654), x)
+    x = builder.select(builder.fcmp_ordered(">", x, c(88.72283)), c(88.72283), x)
+    fx = builder.call(floor, [builder.fadd(builder.fmul(x, c(1.44269504088896341)), c(0.5))])
+    x = builder.fsub(builder.fsub(x, builder.fmul(fx, c(0.693359375))), builder.fmul(fx, c(-2.12194440e-4)))
+    y = c(_EXP_POLY[0])
+    for p in _EXP_POLY[1:]:
+        y = builder.fadd(builder.fmul(y, x), c(p))
+    y = builder.fadd(builder.fadd(builder.fmul(builder.fmul(y, x), x), x), c(1.0))
+    n_int = builder.fptosi(fx, _vec(I32, n))
+    bits = builder.shl(builder.add(n_int, ir.Constant(_vec(I32, n), [127] * n)), ir.Constant(_vec(I32, n), [23] * n))
+    return builder.fmul(y, builder.bitcast(bits, vf))
+
+
+@intrinsic
+def exp16(typingctx, s, off, shift, n_valid):
+    """s[off:off+16] = exp(s - shift) for the first n_valid lanes and 0 for the rest; returns
+    their sum. The softmax of attention, sixteen lanes at a time (no vector exp in Numba)."""
+    sig = types.float32(s, off, shift, n_valid)
+
+    def codegen(context, builder, signature, args):
+        st = signature.args[0]
+        vf = _vec(F32, 16)
+        p = builder.bitcast(builder.gep(_data(context, builder, st, args[0]), [args[1]]), vf.as_pointer())
+        x = builder.fsub(builder.load(p, align=1), _splat(builder, args[2], 16))
+        e = _vexp(builder, builder.module, x, 16)
+        lanes = ir.Constant(_vec(I64, 16), list(range(16)))
+        valid = builder.icmp_signed("<", lanes, _splat(builder, args[3], 16))
+        e = builder.select(valid, e, ir.Constant(vf, [0.0] * 16))
+        builder.store(e, p, align=1)
+        return _hsum(builder, e, 16)
+
+    return sig, codegen
