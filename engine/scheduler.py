@@ -70,7 +70,8 @@ class TokenEvent:
     token_id: int
     text: str             # text delta (may be "" while a stop-string prefix is held back)
     index: int            # position in the completion
-    step_ns: int          # engine time of the step (decode call or prefill chunk) that made it
+    step_ns: int          # engine compute since this sequence's previous token (decode + the prefill
+                          # interleaved before it); for the first token, the request's prefill time
     batch_size: int       # sequences in that decode step (1 for a token from prefill)
     t_ns: int             # monotonic time the engine produced it
     logprob: float | None = None
@@ -533,6 +534,7 @@ class Scheduler:
     # ---------------------------------------------------------------- decode
 
     _last_decode_ns = 0
+    _prefill_ns_prev = 0
 
     def _decode(self, items: list) -> int:
         ready = [s for s in self.running if not s.prefilling]
@@ -564,6 +566,9 @@ class Scheduler:
         t1 = time.monotonic_ns()
         dt = t1 - t0
         self._last_decode_ns = dt
+        # engine time since these sequences' previous tokens: this decode plus the prefill work
+        # interleaved after the previous decode
+        engine_ns = dt + self._prefill_ns_prev
         self.decode_ns_total += dt
         self.last_batch_size = B
         self.max_batch_seen = max(self.max_batch_seen, B)
@@ -575,7 +580,7 @@ class Scheduler:
             seq.num_computed = seq.n_tokens
             if seq.stats.max_batch_size < B:
                 seq.stats.max_batch_size = B
-            self._sample_and_emit(seq, logits[i], dt, B, items,
+            self._sample_and_emit(seq, logits[i], engine_ns, B, items,
                                   int(picks[i]) if plain[i] else None)
         return B
 
@@ -584,6 +589,7 @@ class Scheduler:
     def _prefill(self, items: list, decoding: bool) -> int:
         budget = self.cfg.prefill_chunk if decoding else self.cfg.prefill_budget_idle
         done = 0
+        self._prefill_ns_prev = 0
         # continue chunked prefills of running sequences first, then admit waiting ones
         queue = [s for s in self.running if s.prefilling]
         while budget > 0:
@@ -616,13 +622,14 @@ class Scheduler:
             seq.num_computed = start + n
             seq.stats.prefill_tokens += n
             seq.stats.prefill_ns += dt
+            self._prefill_ns_prev += dt
             budget -= n
             done += n
             if seq.num_computed == seq.n_tokens:
                 seq.prefilling = False
                 if seq.stats.max_batch_size < 1:
                     seq.stats.max_batch_size = 1
-                self._sample_and_emit(seq, logits, dt, 1, items)
+                self._sample_and_emit(seq, logits, seq.stats.prefill_ns, 1, items)
         return done
 
     # ---------------------------------------------------------------- sampling / finishing
