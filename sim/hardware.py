@@ -66,7 +66,7 @@ class HardwareSpec:
     the ramp from router to PE, wakes the receive task, the fp32 add completes (pipelined FPU),
     the result goes down the ramp again. Assumed, calibrated once (see timing.py); ~20 ns per
     stage is what a software-mediated step costs where a bare hop costs 1 cycle."""
-    phase_overhead_cycles: int = 230
+    phase_overhead_cycles: int = 300
     """Fixed cost of one synchronised phase of a layer (a GEMV, a norm, a softmax step, a
     hand-off): configuring data-structure descriptors and routes, starting the vector engine,
     draining the pipeline and the completion wavelet. Assumed (calibrated once, see timing.py)."""

@@ -24,6 +24,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from sim.costs import region_cycles
 from sim.hardware import HardwareSpec
 from sim.shapes import ModelShape
 
@@ -190,8 +191,43 @@ def _band_heights(hw: HardwareSpec) -> list[int]:
     return sorted({hw.pe_rows // nb for nb in range(1, min(hw.pe_rows, 128) + 1)}, reverse=True)
 
 
-def pack_wafer(stages: list[Stage], kv_tokens: int, hw: HardwareSpec, wafer: int = 0) -> WaferPlan | None:
-    """Lay `stages` out on one wafer, or None when they do not fit."""
+def _fastest_width(shape: ModelShape, hw: HardwareSpec, kind: str, rows: int, w_min: int, t: int) -> int:
+    """The region width in [w_min, 4 w_min] with the fewest cycles per token: wider regions cut
+    each PE's GEMV share but lengthen the reductions along the row."""
+    hi = min(hw.pe_cols, 4 * w_min)
+    return min(range(w_min, hi + 1), key=lambda w: (region_cycles(hw, shape, kind, rows, w, t), w))
+
+
+def _widen(stages: list[Stage], widths: list[int], h: int, hw: HardwareSpec, shape: ModelShape,
+           context: int) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """Widths grown towards each stage's fastest width as far as the wafer allows."""
+    cache: dict[tuple, int] = {}
+    best = []
+    for st, w in zip(stages, widths):
+        key = (st.kind, w)
+        if key not in cache:
+            cache[key] = _fastest_width(shape, hw, st.kind, h, w, context)
+        best.append(cache[key])
+    if best == widths:
+        return None
+    lo, hi, found = 0.0, 1.0, None
+    for _ in range(12):  # largest blend between the minimum and the fastest widths that packs
+        mid = hi if found is None and lo == 0.0 and hi == 1.0 else (lo + hi) / 2
+        trial = [w + int(mid * (b - w)) for w, b in zip(widths, best)]
+        spots = _band_layout(trial, h, hw)
+        if spots is not None:
+            found, lo = (trial, spots), mid
+            if mid == 1.0:
+                break
+        else:
+            hi = mid
+    return found
+
+
+def pack_wafer(stages: list[Stage], kv_tokens: int, hw: HardwareSpec, wafer: int = 0,
+               shape: ModelShape | None = None, context: int = 1) -> WaferPlan | None:
+    """Lay `stages` out on one wafer, or None when they do not fit. With `shape`, regions are
+    then widened towards their fastest width (at `context`) where the wafer has room."""
     pes = [_min_pes(s.data_bytes(kv_tokens), hw) for s in stages]
     if sum(pes) > hw.pes_per_wafer:
         return None
@@ -207,6 +243,10 @@ def pack_wafer(stages: list[Stage], kv_tokens: int, hw: HardwareSpec, wafer: int
     if best is None:
         return None
     _, h, widths, spots = best
+    if shape is not None:
+        wider = _widen(stages, widths, h, hw, shape, context)
+        if wider is not None:
+            widths, spots = wider
     regions = []
     for s, w, (r0, c0) in zip(stages, widths, spots):
         n = h * w
@@ -329,10 +369,11 @@ def plan(shape: ModelShape, hw: HardwareSpec, context: int = 8192, batch: int = 
     if n > min(len(stages), hw.max_wafers):
         raise PlacementError(f"wafers={n} exceeds the {len(stages)} pipeline stages of "
                              f"{shape.name} or the system maximum of {hw.max_wafers}")
-    packed = [pack_wafer(g, kv_tokens, hw, i) for i, g in enumerate(_balanced_groups(stages, n, kv_tokens))]
+    packed = [pack_wafer(g, kv_tokens, hw, i, shape, context)
+              for i, g in enumerate(_balanced_groups(stages, n, kv_tokens))]
     if any(p is None for p in packed):
         log.debug("balanced split does not pack; splitting the greedy fill instead")
-        packed = [pack_wafer(g, kv_tokens, hw, i) for i, g in enumerate(_split_to(greedy, n))]
+        packed = [pack_wafer(g, kv_tokens, hw, i, shape, context) for i, g in enumerate(_split_to(greedy, n))]
     assert all(p is not None for p in packed), "prefix/suffix splits of packed groups must pack"
     caps = [p.kv_capacity_tokens for p in packed if p.kv_capacity_tokens is not None]
     regions = [r for p in packed for r in p.regions]
