@@ -40,11 +40,11 @@ def _cache_dir() -> str:
 
 numba.config.CACHE_DIR = _cache_dir()  # must precede the decorators below
 
-from engine.simd import axpy16, dot_q4_row, dot_q8_row, exp16, scores16
+from engine.simd import axpy16, dot_q4_row, dot_q4_x4, dot_q8_row, dot_q8_x4, exp16, scores16
 
 F32, F16, Q4, Q8 = 0, 1, 3, 8  # GGML type ids (Q4_0 is served by the Q4 kernels)
 BLOCK = 32  # elements per quantization block
-GEMV_MAX_TOKENS = 2  # up to this many tokens a step uses the matrix-vector kernels
+GEMV_MAX_TOKENS = 32  # up to this many tokens a step uses the matrix-vector kernels
 GEMM_TILE = 64  # weight rows a thread dequantizes and multiplies at a time in the matrix path
 GEMM_TOKENS = 16  # tokens multiplied per pass over a tile (their activations stay in L1/L2)
 
@@ -147,13 +147,19 @@ def gemv(w, half, l, x, n_tok, out, xsum):
                     s += x[t, j]
                 xsum[t, b] = s
         for r in prange(N):
-            for t in range(n_tok):
-                out[t, r] = dot_q4_row(w.q4[l, r], w.scales[l, r], x[t], xsum[t])
+            q, sc = w.q4[l, r], w.scales[l, r]
+            for t in range(0, n_tok - 3, 4):
+                dot_q4_x4(q, sc, x, t, xsum, out, r)
+            for t in range(n_tok - n_tok % 4, n_tok):
+                out[t, r] = dot_q4_row(q, sc, x[t], xsum[t])
         return
     if w.fmt == Q8:
         for r in prange(N):
-            for t in range(n_tok):
-                out[t, r] = dot_q8_row(w.q8[l, r], w.scales[l, r], x[t])
+            q, sc = w.q8[l, r], w.scales[l, r]
+            for t in range(0, n_tok - 3, 4):
+                dot_q8_x4(q, sc, x, t, out, r)
+            for t in range(n_tok - n_tok % 4, n_tok):
+                out[t, r] = dot_q8_row(q, sc, x[t])
         return
     for g in prange(N // 4):
         r0 = 4 * g

@@ -271,3 +271,92 @@ def exp16(typingctx, s, off, shift, n_valid):
         return _hsum(builder, e, 16)
 
     return sig, codegen
+
+
+def _fold8(builder, v, n):
+    """Add the 8-lane quarters (or halves) of an n-lane vector: <n x float> -> <8 x float>."""
+    parts = [builder.shuffle_vector(v, v, ir.Constant(_vec(I32, 8), list(range(i, i + 8))))
+             for i in range(0, n, 8)]
+    out = parts[0]
+    for p in parts[1:]:
+        out = builder.fadd(out, p, flags=("fast",))
+    return out
+
+
+def _rows_codegen(fmt):
+    """Codegen for dot_q4_x4 / dot_q8_x4: one weight row against 4 tokens at once. The row's
+    block is unpacked to floats once and used for the 4 tokens (weights read once per step)."""
+
+    def codegen(context, builder, signature, args):
+        if fmt == "q4":
+            qt, st, xt, _, xst, ot, _ = signature.args
+            q, s, x, t0, xs, out, r = args
+        else:
+            qt, st, xt, _, ot, _ = signature.args
+            q, s, x, t0, out, r = args
+        q_ptr = _data(context, builder, qt, q)
+        s_ptr = _data(context, builder, st, s)
+        x_ptr = _data(context, builder, xt, x)
+        o_ptr = _data(context, builder, ot, out)
+        xs_ptr = _data(context, builder, xst, xs) if fmt == "q4" else None
+        x_row = _shape(context, builder, xt, x, 1)
+        o_row = _shape(context, builder, ot, out, 1)
+        xs_row = _shape(context, builder, xst, xs, 1) if fmt == "q4" else None
+        nitems = context.make_array(qt)(context, builder, q).nitems
+        n_blocks = builder.udiv(nitems, ir.Constant(I64, 16 if fmt == "q4" else 32))
+        v16f, v32f, v8f = _vec(F32, 16), _vec(F32, 32), _vec(F32, 8)
+        fl = ("fast",)
+        tok = [builder.add(t0, ir.Constant(I64, i)) for i in range(4)]
+        x_base = [builder.mul(t, x_row) for t in tok]
+
+        def body(b, accs):
+            new = []
+            if fmt == "q4":
+                raw = _load_vec(builder, q_ptr, builder.mul(b, ir.Constant(I64, 16)), _vec(I8, 16))
+                lo = builder.uitofp(builder.and_(raw, ir.Constant(_vec(I8, 16), [15] * 16)), v16f)
+                hi = builder.uitofp(builder.lshr(raw, ir.Constant(_vec(I8, 16), [4] * 16)), v16f)
+                two_b = builder.mul(b, ir.Constant(I64, 2))
+                d = _splat(builder, _half_at(builder, s_ptr, two_b), 8)
+                m = _half_at(builder, s_ptr, builder.add(two_b, ir.Constant(I64, 1)))
+            else:
+                raw = _load_vec(builder, q_ptr, builder.mul(b, ir.Constant(I64, 32)), _vec(I8, 32))
+                qf = builder.sitofp(raw, v32f)
+                d = _splat(builder, _half_at(builder, s_ptr, b), 8)
+            xo = builder.mul(b, ir.Constant(I64, 32))
+            for i in range(4):
+                base = builder.add(x_base[i], xo)
+                if fmt == "q4":
+                    xl = _load_vec(builder, x_ptr, base, v16f)
+                    xh = _load_vec(builder, x_ptr, builder.add(base, ir.Constant(I64, 16)), v16f)
+                    t = builder.fadd(builder.fmul(lo, xl, flags=fl), builder.fmul(hi, xh, flags=fl), flags=fl)
+                    t = _fold8(builder, t, 16)
+                else:
+                    t = _fold8(builder, builder.fmul(qf, _load_vec(builder, x_ptr, base, v32f), flags=fl), 32)
+                acc = builder.fadd(accs[2 * i], builder.fmul(t, d, flags=fl), flags=fl)
+                macc = accs[2 * i + 1]
+                if fmt == "q4":
+                    xsb = builder.load(builder.gep(xs_ptr, [builder.add(builder.mul(tok[i], xs_row), b)]))
+                    macc = builder.fadd(macc, builder.fmul(m, xsb, flags=fl), flags=fl)
+                new += [acc, macc]
+            return new
+
+        zero8, zero = ir.Constant(v8f, [0.0] * 8), ir.Constant(F32, 0.0)
+        accs = _block_loop(builder, n_blocks, body, [zero8, zero] * 4)
+        for i in range(4):
+            total = builder.fadd(_hsum(builder, accs[2 * i], 8), accs[2 * i + 1])
+            builder.store(total, builder.gep(o_ptr, [builder.add(builder.mul(tok[i], o_row), r)]))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def dot_q4_x4(typingctx, q, s, x, t0, xsum, out, r):
+    """out[t0+i, r] = Q4 row . x[t0+i] for i < 4 (x, xsum, out are [tokens, ...] arrays)."""
+    return types.void(q, s, x, t0, xsum, out, r), _rows_codegen("q4")
+
+
+@intrinsic
+def dot_q8_x4(typingctx, q, s, x, t0, out, r):
+    """out[t0+i, r] = Q8 row . x[t0+i] for i < 4."""
+    return types.void(q, s, x, t0, out, r), _rows_codegen("q8")

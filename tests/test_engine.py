@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engine.config import UnsupportedModel
+from engine import kernels as K
 from engine.model import Model
 from reference import reference_logits
 from synthetic import WEIGHT_TYPES
@@ -17,6 +18,8 @@ from synthetic import WEIGHT_TYPES
 LOGIT_RTOL = 1e-5
 
 PROMPT = [5, 17, 80, 200, 33, 7, 150, 301, 42, 99, 12, 260, 71, 3, 18, 90, 222, 64]
+# long enough that a one-chunk prefill takes the dequantize-and-multiply path
+LONG_PROMPT = (PROMPT * 3)[: K.GEMV_MAX_TOKENS + 8]
 
 
 def max_rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -30,7 +33,7 @@ def models(tiny_gguf):
     def get(weight_type, **kw):
         key = (weight_type, tuple(sorted(kw.items())))
         if key not in cache:
-            cache[key] = Model(tiny_gguf(weight_type, **kw), max_batch=8, kv_blocks=64, max_chunk=32)
+            cache[key] = Model(tiny_gguf(weight_type, **kw), max_batch=8, kv_blocks=64, max_chunk=64)
         return cache[key]
 
     return get
@@ -39,15 +42,15 @@ def models(tiny_gguf):
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
 def test_prefill_logits_match_reference(models, tiny_gguf, weight_type):
     model = models(weight_type)
-    want = reference_logits(tiny_gguf(weight_type), PROMPT)
-    got = model.logits(PROMPT)  # matrix-matrix path (18 tokens per step)
+    want = reference_logits(tiny_gguf(weight_type), LONG_PROMPT)
+    got = model.logits(LONG_PROMPT)  # one step of 40 tokens: the matrix-matrix path
     assert got.shape == want.shape
     assert max_rel_err(got, want) < LOGIT_RTOL
 
 
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
 def test_decode_logits_match_reference(models, tiny_gguf, weight_type):
-    """Prefill 2 tokens, then decode the rest one at a time (matrix-vector path)."""
+    """Prefill 2 tokens, then decode the rest one at a time (matrix-vector kernels)."""
     model = models(weight_type)
     want = reference_logits(tiny_gguf(weight_type), PROMPT)
     blocks = model.kv.allocator.allocate(model.kv.blocks_for(len(PROMPT)))
@@ -69,8 +72,8 @@ def test_untied_head_and_mixed_embedding_format(models, tiny_gguf):
 
 
 def test_long_prompt_is_chunked(models, tiny_gguf):
-    """A prompt longer than max_chunk (32) runs in several steps and still matches."""
-    prompt = (PROMPT * 4)[:70]
+    """A prompt longer than max_chunk (64) runs in several steps and still matches."""
+    prompt = (PROMPT * 8)[:140]
     model = models("Q8_0")
     assert max_rel_err(model.logits(prompt), reference_logits(tiny_gguf("Q8_0"), prompt)) < LOGIT_RTOL
 
@@ -79,7 +82,7 @@ def test_batched_decode_equals_single_steps(models):
     """B sequences of different lengths in one step give each the logits it gets alone."""
     model = models("Q4_1")
     rng = np.random.default_rng(1)
-    lengths = [1, 5, 17, 30, 9]
+    lengths = [1, 5, 17, 30, 9, 3]  # 6 sequences: a group of 4 tokens and 2 single ones
     seqs = [rng.integers(0, model.config.vocab_size, n + 1).astype(np.int32) for n in lengths]
     alloc = model.kv.allocator
     tables = np.zeros((len(seqs), 4), np.int32)
