@@ -1,4 +1,4 @@
-"""`wafer sim plan|plot|run|trace|calibrate`: the wafer simulator from the command line.
+"""`wafer sim plan|plot|run|sweep|trace|calibrate`: the wafer simulator from the command line.
 
 Errors print one line to stderr and exit 2. `--json` prints one JSON document on stdout.
 """
@@ -58,6 +58,14 @@ def add_parsers(subparsers, load_gguf_shape: Callable[[str], ModelShape] | None 
     sp.add_argument("--sequences", type=int, default=1, help="sequences in flight")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_guard(cmd_run))
+
+    sp = sub.add_parser("sweep", help="tok/s per user, pipeline tok/s and TTFT across contexts and sequence counts")
+    common(sp, context=False)
+    sp.add_argument("--contexts", default="1024,8192,32768,131072", help="comma-separated context lengths")
+    sp.add_argument("--sequences", default="1,4,16,64", help="comma-separated sequence counts")
+    sp.add_argument("--prompt", type=int, default=512, help="prompt length for the TTFT column")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_guard(cmd_sweep))
 
     sp = sub.add_parser("trace", help="discrete-event run over a request trace")
     common(sp)
@@ -176,6 +184,52 @@ def cmd_run(args) -> int:
     print(f"pipeline tokens/s   {s['pipeline_tokens_per_s']:,.0f}  (ceiling {s['max_pipeline_tokens_per_s']:,.0f} "
           f"when the slowest region, {s['slowest_region_us']:.1f} us, never idles)")
     print(f"TTFT                {s['ttft_us'] / 1000:.2f} ms for {s['prompt']} prompt tokens")
+    return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{flag}={text!r} must be comma-separated integers") from None
+    if not vals or min(vals) < 1:
+        raise CliError(f"{flag}={text!r} must list integers >= 1")
+    return vals
+
+
+def cmd_sweep(args) -> int:
+    """Each row re-plans for its (context, sequences): KV room changes region sizes and wafer
+    count. Decode is measured at the full context (the slowest point of a sequence's life)."""
+    from sim.timing import TimingModel
+
+    shape, hw = _shape(args), _hw(args)
+    rows = []
+    for ctx in _ints(args.contexts, "--contexts"):
+        for seqs in _ints(args.sequences, "--sequences"):
+            row = {"context": ctx, "sequences": seqs}
+            try:
+                p = plan(shape, hw, ctx, seqs, args.wafers)
+            except PlacementError as e:
+                row["error"] = str(e)
+                rows.append(row)
+                continue
+            tm = TimingModel(p)
+            itl = tm.itl_cycles(ctx, seqs)
+            row.update(wafers=p.n_wafers, tokens_per_s_per_user=hw.clock_hz / itl,
+                       pipeline_tokens_per_s=seqs * hw.clock_hz / itl,
+                       ttft_us=hw.cycles_to_us(tm.ttft_cycles(min(args.prompt, ctx), 0, seqs)))
+            rows.append(row)
+    if args.json:
+        print(json.dumps({"model": shape.name, "hardware": hw.name, "prompt": args.prompt, "rows": rows}, indent=2))
+        return 0
+    print(f"{shape.name} on {hw.name}: decode at full context, TTFT for a {args.prompt}-token prompt")
+    print(f"{'context':>8} {'seqs':>5} {'wafers':>6} {'tok/s/user':>11} {'pipeline tok/s':>15} {'TTFT ms':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['context']:>8} {r['sequences']:>5}   does not fit: {r['error'].split(';')[0]}")
+            continue
+        print(f"{r['context']:>8} {r['sequences']:>5} {r['wafers']:>6} {r['tokens_per_s_per_user']:>11,.0f} "
+              f"{r['pipeline_tokens_per_s']:>15,.0f} {r['ttft_us'] / 1000:>9.2f}")
     return 0
 
 

@@ -31,9 +31,12 @@ C. The sampled token goes back to the embedding (on wafer, or wafer to wafer). W
 
 Pipeline: a region works on one token at a time. With S sequences in flight the gap between a
 sequence's tokens is max(token latency, S x slowest region) (the two circuits of the cyclic
-pipeline). Prompt tokens stream: each enters when the slowest region frees (S x its time when
-shared), the last one then runs the whole path; TTFT is when its sampled token leaves the head.
-This bounds the exact flow-shop recurrence from above and is exact when one region dominates.
+pipeline). Prompt tokens stream: each enters when the slowest region frees, the last one then
+runs the whole path; TTFT is when its sampled token leaves the head. With S sequences in flight
+the prompt gets the entry slots the other S - 1 decoding sequences leave free (all but 1/S of
+them when saturated: a fair round robin, an upper bound on what the event mode's first-come
+first-served entry gives a prompt). The single-request path bounds the exact flow-shop
+recurrence from above and is exact when one region dominates.
 
 Calibration (16-bit, one parameter set for all models; prompt 512 + output 256, plan context
 8192; `wafer sim calibrate` reproduces these):
@@ -210,7 +213,14 @@ class TimingModel:
         cached = min(max(cached, 0), prompt - 1)
         # Token at position p attends over p + 1 positions; all but the last stream in.
         pos = np.arange(cached + 1, prompt, dtype=np.int64)
-        stream = int(sequences * self.bottleneck_cycles_array(pos, prefill=True).sum()) if pos.size else 0
+        stream = int(self.bottleneck_cycles_array(pos, prefill=True).sum()) if pos.size else 0
+        if sequences > 1 and stream:
+            # The other sequences' decode tokens take (S-1) entry slots per gap of itl(S);
+            # prompt tokens get the rest of the entry time: stretch by itl / (itl - (S-1) slot).
+            # Saturated (itl = S x slot) this is S, a fair round robin.
+            itl = self.itl_cycles(prompt, sequences)
+            busy = (sequences - 1) * self.bottleneck_cycles(prompt)
+            stream = -(-stream * itl // (itl - busy))
         return stream + self.last_prompt_token_cycles(prompt)
 
     def departure_cycles(self, prompt: int, n_tokens: int, cached: int = 0, sequences: int = 1) -> np.ndarray:

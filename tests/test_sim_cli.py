@@ -99,3 +99,13 @@ def test_wafer_entry_point_dispatches_sim():
     out = subprocess.run([sys.executable, "-m", "engine.cli", "sim", "plan", "--model", "llama-3.2-1b",
                           "--json"], capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["wafers"] == 1
+
+
+def test_sweep_shows_context_and_sequences_tradeoff(capsys):
+    code, out, _ = run(["sweep", "--model", "llama-3.1-8b", "--contexts", "1024,131072",
+                        "--sequences", "1,16", "--json"], capsys)
+    rows = {(r["context"], r["sequences"]): r for r in json.loads(out)["rows"]}
+    assert code == 0 and len(rows) == 4
+    assert rows[(131072, 1)]["tokens_per_s_per_user"] < rows[(1024, 1)]["tokens_per_s_per_user"]
+    assert rows[(1024, 16)]["pipeline_tokens_per_s"] > 10 * rows[(1024, 1)]["pipeline_tokens_per_s"]
+    assert rows[(131072, 16)]["wafers"] > 1  # 2M tokens of KV do not fit one wafer
