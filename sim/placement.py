@@ -2,8 +2,10 @@
 
 Every stage of the model (the embedding, each transformer layer, the output head; one
 `embed_head` stage when the embedding is tied) gets a rectangle of PEs holding its weights and,
-for layers, the KV cache for `context x batch` tokens. Regions are as small as the SRAM allows:
-decode is latency bound and a compact region has fewer hops to reduce over.
+for layers, the KV cache for `context x batch` tokens. A region starts as small as the SRAM
+allows (fewest hops to reduce over; this decides fit and wafer count); where the wafer has room
+left it is then widened towards the width the cost model finds fastest, since a wider region
+shares the GEMV among more PEs at the price of longer reductions along its rows.
 
 Layout on a wafer: the grid is cut into bands of equal height; regions (all one band high) run
 left to right in even bands and right to left in odd ones (serpentine), so consecutive stages
