@@ -72,31 +72,37 @@ def simulate(tm: TimingModel, requests: list[Request], prefill_chunk: int = 32,
     heap = [(int(round(r.arrival_us * cyc_per_us)), i) for i, r in enumerate(requests)]
     heapq.heapify(heap)
     free, active, waiting, admitted = 0, 0, deque(), set()
+    pop, replace = heapq.heappop, heapq.heapreplace  # replace = pop + push in one sift
     while heap:
-        ready, i = heapq.heappop(heap)
-        if pos[i] == 0 and i not in admitted:
+        ready, i = heap[0]
+        k = pos[i]
+        if k == 0 and i not in admitted:
             if active >= limit:
                 waiting.append(i)
+                pop(heap)
                 continue
             admitted.add(i)
             active += 1
-        occ, lat = entries[i][pos[i]]
-        start = max(ready, free)
+        occ, lat = entries[i][k]
+        start = ready if ready > free else free
         free = start + occ
-        pos[i] += 1
+        pos[i] = k + 1
         if lat is None:  # a prompt chunk: the next one may enter once this one has
-            heapq.heappush(heap, (free, i))
+            replace(heap, (free, i))
             continue
-        deps[i].append(start + lat)
-        if pos[i] < len(entries[i]):
-            heapq.heappush(heap, (start + lat, i))
+        dep = start + lat
+        deps[i].append(dep)
+        if k + 1 < len(entries[i]):
+            replace(heap, (dep, i))
+            continue
+        active -= 1
+        if waiting:  # the freed KV slot goes to the longest-waiting arrival
+            j = waiting.popleft()
+            admitted.add(j)
+            active += 1
+            replace(heap, (dep, j))
         else:
-            active -= 1
-            if waiting:  # the freed KV slot goes to the longest-waiting arrival
-                j = waiting.popleft()
-                admitted.add(j)
-                active += 1
-                heapq.heappush(heap, (start + lat, j))
+            pop(heap)
     return [RequestResult(r, [c / cyc_per_us for c in d]) for r, d in zip(requests, deps)]
 
 
