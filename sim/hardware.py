@@ -47,9 +47,10 @@ class HardwareSpec:
     hop_latency_cycles: int = 1
     """Router-to-router latency of one fabric hop, cycles. I: SDK examples correct skew by
     (px + py) cycles."""
-    max_wafers: int = 2048
-    """Largest number of wafers (systems) one pipeline may span. O: CS-3 clusters scale to 2,048
-    systems (CS-2: 192)."""
+    wafers_per_system: int = 64
+    """Wafers (CS-3 / CS-2 systems) one pipeline may span: the largest deployment we plan for.
+    O: Condor Galaxy 3 is 64 CS-3 (Mar 2024), Condor Galaxy 1 is 64 CS-2 (Jul 2023); Cerebras
+    quotes clusters of up to 2,048 CS-3 (set this higher in a TOML file to plan for one)."""
     w2w_bits_per_s: float = 1.2e12
     """Wafer-to-wafer bandwidth, bits/s (one system's off-wafer I/O). S: 12 x 100 GbE."""
     w2w_latency_ns: int = 2000
@@ -78,7 +79,7 @@ class HardwareSpec:
                 raise ValueError(f"hardware {self.name}: {f.name}={v!r} must be a number >= 0")
         for f in ("pe_rows", "pe_cols", "sram_bytes_per_pe", "clock_hz", "simd_fp16",
                   "sram_read_ports", "sram_write_ports", "sram_port_bits", "link_bits_per_cycle",
-                  "max_wafers", "w2w_bits_per_s"):
+                  "wafers_per_system", "w2w_bits_per_s"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"hardware {self.name}: {f}={getattr(self, f)} must be > 0")
         if self.data_bytes_per_pe <= 0:
@@ -118,7 +119,7 @@ class HardwareSpec:
 
 PRESETS: dict[str, HardwareSpec] = {
     "wse3": HardwareSpec(name="wse3", pe_rows=762, pe_cols=1172),
-    "wse2": HardwareSpec(name="wse2", pe_rows=757, pe_cols=996, simd_fp16=4, max_wafers=192),
+    "wse2": HardwareSpec(name="wse2", pe_rows=757, pe_cols=996, simd_fp16=4),
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(HardwareSpec)}

@@ -289,7 +289,7 @@ def _greedy_groups(stages: list[Stage], kv_tokens: int, hw: HardwareSpec) -> lis
             _raise_stage_too_big(stages[i], kv_tokens, hw)
         groups.append(stages[i:i + n])
         i += n
-        if len(groups) > hw.max_wafers:
+        if len(groups) > hw.wafers_per_system:
             break
     return groups
 
@@ -356,21 +356,22 @@ def plan(shape: ModelShape, hw: HardwareSpec, context: int = 8192, batch: int = 
     stages = model_stages(shape)
     greedy = _greedy_groups(stages, kv_tokens, hw)
     n_min = len(greedy)
-    if n_min > hw.max_wafers:
+    if n_min > hw.wafers_per_system:
         total = sum(s.data_bytes(kv_tokens) for s in stages)
-        have = hw.max_wafers * hw.pes_per_wafer * hw.data_bytes_per_pe
+        have = hw.wafers_per_system * hw.pes_per_wafer * hw.data_bytes_per_pe
         raise PlacementError(
             f"{shape.name} needs {total / GB:.1f} GB (weights {shape.weight_bytes / GB:.1f} GB + "
             f"KV {shape.kv_bytes_per_token * kv_tokens / GB:.1f} GB) and more than "
-            f"{hw.max_wafers} {hw.name} wafers ({have / GB:.1f} GB for data); short by at least "
-            f"{max(total - have, 0) / GB:.1f} GB")
+            f"{hw.wafers_per_system} {hw.name} wafers ({have / GB:.1f} GB for data); "
+            + (f"short by at least {(total - have) / GB:.1f} GB" if total > have else
+               "whole regions per wafer leave too much of each wafer unused; reduce --context or --batch"))
     n = n_min if wafers is None else wafers
     if n < n_min:
         raise PlacementError(f"{shape.name} with context {context} x batch {batch} needs "
                              f"{n_min} {hw.name} wafers; wafers={wafers} is too few")
-    if n > min(len(stages), hw.max_wafers):
+    if n > min(len(stages), hw.wafers_per_system):
         raise PlacementError(f"wafers={n} exceeds the {len(stages)} pipeline stages of "
-                             f"{shape.name} or the system maximum of {hw.max_wafers}")
+                             f"{shape.name} or the system maximum of {hw.wafers_per_system}")
     packed = [pack_wafer(g, kv_tokens, hw, i, shape, context)
               for i, g in enumerate(_balanced_groups(stages, n, kv_tokens))]
     if any(p is None for p in packed):

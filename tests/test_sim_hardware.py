@@ -39,9 +39,9 @@ def test_overrides_file(tmp_path):
 
 def test_standalone_file_with_base(tmp_path):
     cfg = tmp_path / "big.toml"
-    cfg.write_text('base = "wse2"\nname = "wse2-big"\nmax_wafers = 8\n')
+    cfg.write_text('base = "wse2"\nname = "wse2-big"\nwafers_per_system = 8\n')
     hw = get_hardware(str(cfg))
-    assert (hw.name, hw.max_wafers, hw.simd_fp16) == ("wse2-big", 8, 4)
+    assert (hw.name, hw.wafers_per_system, hw.simd_fp16) == ("wse2-big", 8, 4)
 
 
 def test_unknown_keys_are_named(tmp_path):

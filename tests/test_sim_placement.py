@@ -11,7 +11,7 @@ from sim.placement import PlacementError, model_stages, plan
 from sim.shapes import ModelShape, get_shape
 
 # A small wafer so that small random models need several wafers and plans stay fast.
-SMALL_HW = dataclasses.replace(HW["wse3"], name="small", pe_rows=48, pe_cols=64, max_wafers=64)
+SMALL_HW = dataclasses.replace(HW["wse3"], name="small", pe_rows=48, pe_cols=64, wafers_per_system=64)
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -129,7 +129,7 @@ def test_a_layer_too_big_for_a_wafer_says_what_and_by_how_much():
 
 
 def test_beyond_the_system_maximum_says_by_how_much():
-    hw = dataclasses.replace(HW["wse3"], max_wafers=2)
+    hw = dataclasses.replace(HW["wse3"], wafers_per_system=2)
     with pytest.raises(PlacementError) as e:
         plan(get_shape("llama-3.1-70b"), hw)
     msg = str(e.value)
