@@ -68,7 +68,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.costs import COMPONENTS, StageCost, line_allreduce, region_cost  # noqa: F401 (re-export)
+from sim.hardware import HardwareSpec
 from sim.placement import Plan, Region
+
 
 def _hops_between(a: Region, b: Region) -> int:
     """Fabric hops from region a's near edge to region b's, plus a band turn's re-spread."""
@@ -103,13 +105,13 @@ class TimingModel:
             nxt = regions[i + 1]
             if nxt.wafer != r.wafer:
                 self.transfer["wafer_to_wafer"] += self._w2w(d_bits)
-                self.transfer["handoff"] += _edge_hops(r, hw) + _edge_hops(nxt, hw)
+                self.transfer["handoff"] += (_edge_hops(r, hw) + _edge_hops(nxt, hw)) * hw.hop_latency_cycles
         first, last = regions[0], regions[-1]
         if first.wafer != last.wafer:
             self.transfer["wafer_to_wafer"] += self._w2w(32)
-            self.transfer["handoff"] += _edge_hops(last, hw) + _edge_hops(first, hw)
+            self.transfer["handoff"] += (_edge_hops(last, hw) + _edge_hops(first, hw)) * hw.hop_latency_cycles
         elif first is not last:
-            self.transfer["handoff"] += _hops_between(last, first)
+            self.transfer["handoff"] += _hops_between(last, first) * hw.hop_latency_cycles
         self.transfer["sync"] += hw.phase_overhead_cycles  # the feedback is one more phase
         self._fixed_decode = sum(c.fixed_total for c in self.costs) + sum(self.transfer.values())
         attn = [c for c in self.costs if c.attn_positions_div]
@@ -202,7 +204,7 @@ class TimingModel:
         total = 0
         for a, b in zip(regions, regions[1:]):
             if a.wafer != b.wafer:
-                total += self._w2w(d_bits) + _edge_hops(a, hw) + _edge_hops(b, hw)
+                total += self._w2w(d_bits) + (_edge_hops(a, hw) + _edge_hops(b, hw)) * hw.hop_latency_cycles
         return total
 
     def ttft_cycles(self, prompt: int, cached: int = 0, sequences: int = 1) -> int:
