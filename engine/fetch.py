@@ -94,18 +94,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _progress(label: str, done: int, total: int, out) -> None:
+def _progress(label: str, done: int, step: int, total: int, out) -> None:
+    """A live percentage on a terminal; a line per quarter when the output is a log."""
     if out is None:
         return
     pct = 100.0 * done / max(total, 1)
-    out.write(f"\r{label}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB ({pct:5.1f}%)")
-    if done >= total:
-        out.write("\n")
+    if out.isatty():
+        out.write(f"\r{label}: {done / 1e6:7.1f} / {total / 1e6:.1f} MB ({pct:5.1f}%)")
+        out.write("\n" if done >= total else "")
+    elif done >= total or int(4 * done / total) != int(4 * (done - step) / total):
+        out.write(f"{label}: {done / 1e6:.1f} / {total / 1e6:.1f} MB ({pct:.0f}%)\n")
     out.flush()
 
 
-def pull(name: str, out=sys.stderr) -> Path:
-    """Fetch a known model into the cache; a no-op when it is already there and intact."""
+def pull(name: str, out=None) -> Path:
+    """Fetch a known model into the cache; a no-op when it is already there and intact.
+    Progress goes to `out` (default: stderr)."""
+    out = out or sys.stderr
     m = known_model(name)
     if m is None:
         raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}")
@@ -141,7 +146,7 @@ def pull(name: str, out=sys.stderr) -> Path:
                     dst.write(chunk)
                     h.update(chunk)
                     done += len(chunk)
-                    _progress(f"{m.name}: extracting", done, info.file_size, out)
+                    _progress(f"{m.name}: extracting", done, len(chunk), info.file_size, out)
         if h.hexdigest() != m.sha256:
             raise RuntimeError(
                 f"{m.filename}: sha256 {h.hexdigest()} does not match the expected {m.sha256}"
