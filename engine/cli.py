@@ -12,8 +12,8 @@ from engine import fetch
 # Modules that contribute subcommands, each with add_parsers(subparsers).
 SUBCOMMAND_MODULES = [
     "engine.generate_cli",  # generate
-    "engine.server.cli",
-    "sim.cli",
+    "engine.server.cli",  # serve, chat
+    "sim.cli",  # sim plan / run / plot / trace
 ]
 
 
@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_models_parser(sub)
     for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).add_parsers(sub)
+        module = importlib.import_module(name)
+        if name == "sim.cli":  # the sim reads no files: the engine hands it GGUF shapes
+            from engine.shapes import gguf_model_shape
+
+            module.add_parsers(sub, load_gguf_shape=gguf_model_shape)
+        else:
+            module.add_parsers(sub)
     return parser
 
 
