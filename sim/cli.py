@@ -181,8 +181,9 @@ def cmd_run(args) -> int:
     for k, v in s["breakdown_cycles"].items():
         print(f"  {k:<15} {v:>11,} cycles {hw.cycles_to_us(v):>9.1f} us {100 * v / total:5.1f}%")
     print(f"tokens/s per user   {s['tokens_per_s_per_user']:,.0f}  (mean gap {s['mean_itl_us']:.1f} us)")
+    slowest = max(s["regions"], key=lambda r: r["cycles"])
     print(f"pipeline tokens/s   {s['pipeline_tokens_per_s']:,.0f}  (ceiling {s['max_pipeline_tokens_per_s']:,.0f} "
-          f"when the slowest region, {s['slowest_region_us']:.1f} us, never idles)")
+          f"when the slowest region, {slowest['stage']} at {s['slowest_region_us']:.1f} us, never idles)")
     print(f"TTFT                {s['ttft_us'] / 1000:.2f} ms for {s['prompt']} prompt tokens")
     return 0
 

@@ -33,10 +33,9 @@ Pipeline: a region works on one token at a time. With S sequences in flight the 
 sequence's tokens is max(token latency, S x slowest region) (the two circuits of the cyclic
 pipeline). Prompt tokens stream: each enters when the slowest region frees, the last one then
 runs the whole path; TTFT is when its sampled token leaves the head. With S sequences in flight
-the prompt gets the entry slots the other S - 1 decoding sequences leave free (all but 1/S of
-them when saturated: a fair round robin, an upper bound on what the event mode's first-come
-first-served entry gives a prompt). The single-request path bounds the exact flow-shop
-recurrence from above and is exact when one region dominates.
+the prompt shares the entry first come, first served with S - 1 decoding sequences (the
+equilibrium is derived in `_prompt_stretch`; the event mode checks it). The single-request
+path bounds the exact flow-shop recurrence from above and is exact when one region dominates.
 
 Calibration (16-bit, one parameter set for all models; prompt 512 + output 256, plan context
 8192; `wafer sim calibrate` reproduces these):
@@ -217,13 +216,22 @@ class TimingModel:
         pos = np.arange(cached + 1, prompt, dtype=np.int64)
         stream = int(self.bottleneck_cycles_array(pos, prefill=True).sum()) if pos.size else 0
         if sequences > 1 and stream:
-            # The other sequences' decode tokens take (S-1) entry slots per gap of itl(S);
-            # prompt tokens get the rest of the entry time: stretch by itl / (itl - (S-1) slot).
-            # Saturated (itl = S x slot) this is S, a fair round robin.
-            itl = self.itl_cycles(prompt, sequences)
-            busy = (sequences - 1) * self.bottleneck_cycles(prompt)
-            stream = -(-stream * itl // (itl - busy))
+            stream = math.ceil(stream * self._prompt_stretch(prompt, sequences))
         return stream + self.last_prompt_token_cycles(prompt)
+
+    def _prompt_stretch(self, t: int, sequences: int) -> float:
+        """How much S - 1 decoding sequences slow a streaming prompt, first come first served.
+
+        Each decoder enters once per period P: P = T (its loop latency) + its wait W. The prompt
+        re-queues after each of its tokens behind the Q = D W / P decoders then waiting
+        (D = S - 1), so it gets one slot in Q + 1. With the entry always busy,
+        P Q / (Q + 1) = D slot, which gives (P - T)(P - D slot) = slot P; the stretch is
+        Q + 1 = P / (P - D slot). Unsaturated this is ~T / (T - D slot) (the free slots);
+        saturated it is far below S (decoders spend T of each period in flight)."""
+        T, slot, D = self.token_cycles(t), self.bottleneck_cycles(t), sequences - 1
+        b = T + (D + 1) * slot
+        P = (b + math.sqrt(b * b - 4 * T * D * slot)) / 2
+        return P / (P - D * slot)
 
     def departure_cycles(self, prompt: int, n_tokens: int, cached: int = 0, sequences: int = 1) -> np.ndarray:
         """Cycle offsets from arrival at which each of n_tokens sampled tokens leaves the wafer."""
@@ -262,4 +270,7 @@ def summarize(tm: TimingModel, prompt: int, output: int, sequences: int = 1) -> 
         "max_pipeline_tokens_per_s": hw.clock_hz / tm.bottleneck_cycles(t_mid),
         "ttft_us": hw.cycles_to_us(ttft),
         "ttft_cycles": ttft,
+        "regions": [{"stage": r.stage.label, "wafer": r.wafer, "rows": r.rows, "cols": r.cols,
+                     "cycles": c.fixed_total + c.attention(t_mid)}
+                    for r, c in zip(tm.plan.regions, tm.costs)],
     }

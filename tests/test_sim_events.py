@@ -67,13 +67,13 @@ def test_trace_files(tmp_path, tm):
         load_trace(bad)
 
 
-@pytest.mark.parametrize("others", [3, 15])
+@pytest.mark.parametrize("others", [3, 15, 47])
 def test_a_prompt_among_decoding_sequences_matches_the_analytic_load_model(others):
-    """Below saturation the analytic 'free entry slots' TTFT and the S-sequence ITL agree with
-    the event mode (FCFS); saturated, the analytic round robin is the conservative bound."""
+    """The analytic TTFT under load (first come, first served equilibrium) and the S-sequence
+    ITL agree with the event mode, below saturation (3, 15 others) and above it (47)."""
     clock = WaferClock.from_spec("wse3:llama-3.1-8b", max_sequences=64)
     reqs = [Request(0.0, 8, 3000) for _ in range(others)] + [Request(200_000.0, 512, 200)]
     last = simulate(clock.timing, reqs, prefill_chunk=1)[-1]
     s = others + 1
-    assert last.ttft_us == pytest.approx(clock.ttft_us(512, sequences_in_flight=s), rel=0.05)
+    assert last.ttft_us == pytest.approx(clock.ttft_us(512, sequences_in_flight=s), rel=0.10)
     assert last.itls_us[100] == pytest.approx(clock.itl_us(512 + 101, sequences_in_flight=s), rel=1e-6)
