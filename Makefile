@@ -26,7 +26,7 @@ test: model
 	$(PY) -m pytest -q tests
 
 bench: model
-	$(PY) -m pytest -q benches --benchmark-only -s
+	$(PY) -m pytest benches -p no:cacheprovider --benchmark-json bench-out/bench.json
 
 protos: install
 	$(PY) -m protos.generate

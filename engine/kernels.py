@@ -40,7 +40,8 @@ def _cache_dir() -> str:
 
 numba.config.CACHE_DIR = _cache_dir()  # must precede the decorators below
 
-from engine.simd import axpy16, dot_q4_row, dot_q4_x4, dot_q8_row, dot_q8_x4, exp16, scores16
+from engine.simd import (axpy16, dot_q4_row, dot_q4_x4, dot_q8_row, dot_q8_x4, exp16, scores16,
+                         silu_mul16)
 
 F32, F16, Q4, Q8 = 0, 1, 3, 8  # GGML type ids (Q4_0 is served by the Q4 kernels)
 BLOCK = 32  # elements per quantization block
@@ -260,16 +261,29 @@ def store4(out, t, r0, r, nr, a0, a1, a2, a3):
 # Small ops
 
 
+# Small ops run serially for a few tokens: a parallel launch costs more than their work.
+SMALL_STEP = 8
+
+
+@jit
+def rmsnorm_row(x, weight, eps, out):
+    D = x.shape[0]
+    ss = np.float32(0.0)
+    for k in range(D):
+        ss += x[k] * x[k]
+    inv = np.float32(1.0) / math.sqrt(ss / D + eps)
+    for k in range(D):
+        out[k] = x[k] * inv * weight[k]
+
+
 @pjit
 def rmsnorm(x, weight, eps, n_tok, out):
-    D = x.shape[1]
-    for t in prange(n_tok):
-        ss = np.float32(0.0)
-        for k in range(D):
-            ss += x[t, k] * x[t, k]
-        inv = np.float32(1.0) / math.sqrt(ss / D + eps)
-        for k in range(D):
-            out[t, k] = x[t, k] * inv * weight[k]
+    if n_tok <= SMALL_STEP:
+        for t in range(n_tok):
+            rmsnorm_row(x[t], weight, eps, out[t])
+    else:
+        for t in prange(n_tok):
+            rmsnorm_row(x[t], weight, eps, out[t])
 
 
 @jit
@@ -279,13 +293,21 @@ def add_into(x, y, n_tok):
             x[t, k] += y[t, k]
 
 
+@jit
+def silu_mul_row(gate_up, d_ffn, out):
+    for k0 in range(0, d_ffn, 16):
+        silu_mul16(gate_up, k0, d_ffn, out)
+
+
 @pjit
 def silu_mul(gate_up, d_ffn, n_tok, out):
     """out = silu(gate) * up, with gate and up side by side in one fused product."""
-    for t in prange(n_tok):
-        for k in range(d_ffn):
-            g = gate_up[t, k]
-            out[t, k] = g / (np.float32(1.0) + math.exp(-g)) * gate_up[t, d_ffn + k]
+    if n_tok <= SMALL_STEP:
+        for t in range(n_tok):
+            silu_mul_row(gate_up[t], d_ffn, out[t])
+    else:
+        for t in prange(n_tok):
+            silu_mul_row(gate_up[t], d_ffn, out[t])
 
 
 @jit
@@ -362,5 +384,9 @@ def attention(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v_cach
 
 @pjit
 def embed(w, half, tokens, n_tok, out):
-    for t in prange(n_tok):
-        dequant_row(w, half, 0, tokens[t], out[t])
+    if n_tok <= SMALL_STEP:
+        for t in range(n_tok):
+            dequant_row(w, half, 0, tokens[t], out[t])
+    else:
+        for t in prange(n_tok):
+            dequant_row(w, half, 0, tokens[t], out[t])

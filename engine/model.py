@@ -18,7 +18,7 @@ import numba
 import numpy as np
 
 from engine import kernels as K
-from engine.config import ModelConfig
+from engine.config import ModelConfig, UnsupportedModel
 from engine.kv_cache import KVCache
 from engine.tokenizer import Tokenizer
 from engine.weights import Weights, load_weights, weight_bytes
@@ -99,6 +99,10 @@ class Model:
         self.tokenizer = Tokenizer.from_gguf(reader)
         self.weights: Weights = load_weights(reader, cfg)
         del reader
+        for name, value in (("head_dim", cfg.head_dim), ("feed_forward_length", cfg.d_ffn),
+                            ("block_size", block_size)):
+            if value % 16:  # the vector kernels work sixteen lanes at a time
+                raise UnsupportedModel(f"{name}={value} is not a multiple of 16")
         self.max_batch = max_batch
         self.max_chunk = max(max_chunk, max_batch)
         self.dims = Dims(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ffn, cfg.rms_eps)

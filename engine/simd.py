@@ -360,3 +360,24 @@ def dot_q4_x4(typingctx, q, s, x, t0, xsum, out, r):
 def dot_q8_x4(typingctx, q, s, x, t0, out, r):
     """out[t0+i, r] = Q8 row . x[t0+i] for i < 4."""
     return types.void(q, s, x, t0, out, r), _rows_codegen("q8")
+
+
+@intrinsic
+def silu_mul16(typingctx, gate_up, k0, d_ffn, out):
+    """out[k0:k0+16] = silu(gate) * up, gate = gate_up[k0:k0+16], up = gate_up[d_ffn+k0:...]."""
+    sig = types.void(gate_up, k0, d_ffn, out)
+
+    def codegen(context, builder, signature, args):
+        gt, _, _, ot = signature.args
+        vf = _vec(F32, 16)
+        g_ptr = _data(context, builder, gt, args[0])
+        gate = _load_vec(builder, g_ptr, args[1], vf)
+        up = _load_vec(builder, g_ptr, builder.add(args[2], args[1]), vf)
+        one = ir.Constant(vf, [1.0] * 16)
+        e = _vexp(builder, builder.module, builder.fsub(ir.Constant(vf, [0.0] * 16), gate), 16)
+        silu = builder.fdiv(gate, builder.fadd(one, e))
+        p = builder.gep(_data(context, builder, ot, args[3]), [args[1]])
+        builder.store(builder.fmul(silu, up), builder.bitcast(p, vf.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
