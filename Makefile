@@ -26,6 +26,7 @@ test: model
 	$(PY) -m pytest -q tests
 
 bench: model
+	mkdir -p bench-out
 	$(PY) -m pytest benches -p no:cacheprovider --benchmark-json bench-out/bench.json
 
 protos: install
