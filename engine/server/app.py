@@ -70,6 +70,7 @@ class ModelRuntime:
         self.model = None
         self.scheduler: sch.Scheduler | None = None
         self.emulator = None
+        self.publisher = None
         self.error: BaseException | None = None
         self.loaded = threading.Event()
         self.load_seconds = 0.0
@@ -115,7 +116,8 @@ class ModelRuntime:
                 max_batch=e.max_batch, max_waiting=e.max_waiting, prefill_chunk=e.prefill_chunk,
                 session_idle_timeout_s=self.options.session_idle_timeout_s)
             on_step = self.metrics.step_observer(e.name) if self.metrics else None
-            self.scheduler = sch.Scheduler(model, cfg, publish=make_publisher(), on_step=on_step)
+            self.publisher = make_publisher()
+            self.scheduler = sch.Scheduler(model, cfg, publish=self.publisher, on_step=on_step)
             self.model = model
             if self.metrics:
                 self.metrics.bind_scheduler(e.name, self.scheduler)
@@ -134,6 +136,8 @@ class ModelRuntime:
             self.scheduler._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.publisher is not None:
+            self.publisher.close()
 
 
 class WaferServer:

@@ -10,8 +10,10 @@ and records metrics. The servicer knows nothing of Numba.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -273,32 +275,59 @@ class StreamState:
         return final
 
 
-def make_publisher():
-    """A Scheduler ``publish`` hook: one call_soon_threadsafe per event loop per step.
+class Publisher:
+    """The Scheduler's ``publish`` hook: hands each step's events to the event loop(s).
 
     Each request's (or session's) ``owner`` is ``(loop, asyncio.Queue)``; the queue receives
-    ``(request, event)`` pairs.
+    ``(request, event)`` pairs, with one ``call_soon_threadsafe`` per loop per batch.
+
+    The hop runs on a small notifier thread, not on the engine thread: waking the event loop is a
+    syscall that releases the GIL, and the loop then holds it while it streams the step's tokens;
+    done on the engine thread, that would delay the next decode by the loop's whole turn (measured
+    ~0.7 ms per step with one stream). The engine only appends to a deque and sets an Event.
     """
 
-    def deliver(items):
+    def __init__(self) -> None:
+        self._pending: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="wafer-publisher", daemon=True)
+        self._thread.start()
+
+    def __call__(self, items) -> None:
+        self._pending.append(items)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    @staticmethod
+    def _deliver(items) -> None:
         for q, item in items:
             q.put_nowait(item)
 
-    def publish(items) -> None:
-        by_loop: dict = {}
-        for req, ev in items:
-            owner = req.owner
-            if owner is None:
-                continue
-            loop, q = owner
-            by_loop.setdefault(loop, []).append((q, (req, ev)))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(deliver, batch)
-            except RuntimeError:  # loop closed: the stream is gone
-                pass
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            by_loop: dict = {}
+            while self._pending:
+                for req, ev in self._pending.popleft():
+                    owner = req.owner
+                    if owner is None:
+                        continue
+                    loop, q = owner
+                    by_loop.setdefault(loop, []).append((q, (req, ev)))
+            for loop, batch in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(self._deliver, batch)
+                except RuntimeError:  # loop closed: the stream is gone
+                    pass
 
-    return publish
+
+def make_publisher() -> Publisher:
+    return Publisher()
 
 
 # ------------------------------------------------------------------------- servicer

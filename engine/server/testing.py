@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import threading
 
 from engine.server.app import ServerOptions, WaferServer
@@ -74,10 +75,11 @@ class ServerThread:
         self.call(self.server.drain(grace_s), timeout)
 
     def stop(self) -> None:
-        if self.server is not None and self.loop is not None and not self.loop.is_closed():
+        if (self.server is not None and self.loop is not None and not self.loop.is_closed()
+                and not self.server._stopped.is_set()):
             try:
                 self.call(self.server.stop(0), 30)
-            except RuntimeError:
+            except (RuntimeError, cf.CancelledError):  # the loop ended meanwhile (drain finished)
                 pass
         if self._thread is not None:
             self._thread.join(30)
