@@ -630,6 +630,9 @@ class Scheduler:
                 if seq.stats.max_batch_size < 1:
                     seq.stats.max_batch_size = 1
                 self._sample_and_emit(seq, logits, seq.stats.prefill_ns, 1, items)
+                # out at once: a first token does not wait for the other prefills of this step
+                self.publish(items[:])
+                items.clear()
         return done
 
     # ---------------------------------------------------------------- sampling / finishing

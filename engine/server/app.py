@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from protos import wafer_pb2, wafer_pb2_grpc
 log = logging.getLogger("wafer.server")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SWITCH_INTERVAL_S = 0.0005
 
 # Keepalive: the server pings idle connections every 60 s; clients may ping as often as every
 # 10 s even with no call in flight and are never punished for it (max_ping_strikes=0), so a
@@ -262,6 +264,10 @@ class WaferServer:
 
 async def serve(registry: Registry, options: ServerOptions, ready_file: str | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain. Returns a process exit code."""
+    # The engine thread's short Python parts (sampling, stop checks) compete for the GIL with the
+    # event loop streaming tokens; a shorter switch interval (default 5 ms) bounds how long the
+    # engine can wait for it before its next decode.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     server = WaferServer(registry, options)
     await server.start()
     loop = asyncio.get_running_loop()
