@@ -101,6 +101,9 @@ def test_sigterm_drains_streams_then_exits(served):
     t = threading.Thread(target=stream)
     t.start()
     assert first.wait(30)
+    idle = WaferClient(address, timeout=60)
+    session = idle.session()
+    session.say("hello", max_tokens=2)  # an open session, idle between turns
     os.kill(proc.pid, signal.SIGTERM)
     t.join(30)
     assert not t.is_alive(), "stream hung after SIGTERM"
@@ -112,3 +115,6 @@ def test_sigterm_drains_streams_then_exits(served):
     assert all(isinstance(i, Token) for i in items[:-1])
     text = log.read_text()
     assert "draining" in text and "stopped" in text
+    session.close()  # the server already closed it for the shutdown
+    assert session.closed_reason == "shutdown"
+    idle.close()

@@ -1,0 +1,99 @@
+"""The model registry: TOML parsing, names and aliases, lifecycle, errors that say what is wrong."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from engine.server.registry import Registry, RegistryError, RetiredModel, UnknownModel
+
+TOML = """
+default = "small"
+
+[server]
+port = 50099
+metrics_port = -1
+
+[[models]]
+name = "small"
+path = "smollm2-135m"
+aliases = ["smollm2", "default"]
+max_batch = 32
+emulate = "wse3:llama-3.1-8b"
+
+[[models]]
+name = "small-2024"
+path = "smollm2-135m"
+status = "deprecated"
+sunset = 2099-06-30
+successor = "small"
+
+[[models]]
+name = "small-2023"
+path = "smollm2-135m"
+status = "deprecated"
+sunset = 2001-01-01
+successor = "small"
+
+[[models]]
+name = "ancient"
+status = "retired"
+successor = "small"
+"""
+
+
+@pytest.fixture
+def registry(tmp_path):
+    f = tmp_path / "registry.toml"
+    f.write_text(TOML)
+    return Registry.from_toml(f)
+
+
+def test_toml_registry(registry):
+    assert registry.default == "small" and registry.server == {"port": 50099, "metrics_port": -1}
+    assert registry.lookup("").name == "small"
+    assert registry.lookup("smollm2").name == "small"
+    assert registry.lookup("small").max_batch == 32 and registry.lookup("small").emulate == "wse3:llama-3.1-8b"
+    assert [e.name for e in registry.served()] == ["small", "small-2024"]
+
+
+def test_lifecycle(registry):
+    old = registry.resolve("small-2024")  # deprecated: still served
+    assert old.sunset == "2099-06-30"
+    assert dict(old.deprecation_metadata()) == {
+        "wafer-deprecated": "true", "wafer-sunset": "2099-06-30", "wafer-successor": "small"}
+    assert registry.resolve("small").deprecation_metadata() == ()
+    with pytest.raises(RetiredModel, match="use its successor 'small'"):
+        registry.resolve("ancient")
+    with pytest.raises(RetiredModel, match="since 2001-01-01"):  # past its sunset date
+        registry.resolve("small-2023")
+    assert registry.lookup("small-2024").effective_status(dt.date(2100, 1, 1)) == "retired"
+
+
+def test_unknown_model_lists_known(registry):
+    with pytest.raises(UnknownModel) as e:
+        registry.resolve("gpt-17")
+    assert "gpt-17" in str(e.value) and "small" in str(e.value)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"models": []}, "no models"),
+    ({"models": [{"path": "x"}]}, "missing name"),
+    ({"models": [{"name": "a", "path": "x", "colour": "red"}]}, "unknown keys ['colour']"),
+    ({"models": [{"name": "a", "path": "x", "status": "sleepy"}]}, "status='sleepy'"),
+    ({"models": [{"name": "a"}]}, "needs a path"),
+    ({"models": [{"name": "a", "path": "x"}, {"name": "b", "path": "y", "aliases": ["a"]}]}, "'a' is used by two"),
+    ({"models": [{"name": "a", "path": "x", "successor": "zz"}]}, "successor 'zz'"),
+    ({"models": [{"name": "a", "path": "x", "status": "deprecated", "sunset": "soon"}]}, "not an ISO date"),
+    ({"default": "b", "models": [{"name": "a", "path": "x"}]}, "default='b'"),
+])
+def test_bad_registries(data, needle):
+    with pytest.raises(RegistryError) as e:
+        Registry.from_dict(data)
+    assert needle in str(e.value)
+
+
+def test_builtin_default():
+    r = Registry.builtin()
+    assert r.lookup("").name == "smollm2-135m" and r.lookup("smollm2").path == "smollm2-135m"
