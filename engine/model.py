@@ -189,14 +189,17 @@ class Model:
             self.kv.allocator.free(blocks)
 
     def warmup(self) -> float:
-        """Compile (or load from Numba's cache) both kernel paths; returns seconds taken."""
+        """Compile (or load from Numba's cache) every kernel path a server will hit: a prompt
+        long enough for the matrix path, and decode steps of 1 and 4 sequences."""
         t0 = time.perf_counter()
-        blocks = self.kv.allocator.allocate(1)
+        n = K.GEMV_MAX_TOKENS + 1
+        blocks = self.kv.allocator.allocate(self.kv.blocks_for(n + 1))
         try:
             table = np.array(blocks, np.int32)
-            n = min(K.GEMV_MAX_TOKENS + 2, self.kv.block_size - 1)
             self.prefill(np.ones(n, np.int32), table, 0)
-            self.decode(np.ones(1, np.int32), np.array([n], np.int32), table.reshape(1, -1))
+            for batch in (1, min(4, self.max_batch)):
+                self.decode(np.ones(batch, np.int32), np.full(batch, n, np.int32),
+                            np.repeat(table[None], batch, axis=0))
         finally:
             self.kv.allocator.free(blocks)
         return time.perf_counter() - t0
