@@ -210,7 +210,8 @@ class Model:
         emb_row = weight_bytes(w.embed) // w.embed.rows
         return sum(weight_bytes(m) for m in (w.qkv, w.wo, w.gate_up, w.down, w.head)) + emb_row
 
-    def macs_per_token(self) -> int:
+    def macs_per_token(self, with_head: bool = True) -> int:
+        """Multiply-adds of the weight products for one token (attention excluded)."""
         w = self.weights
-        return sum(m.rows * m.cols * (self.config.n_layers if m is not w.head else 1)
-                   for m in (w.qkv, w.wo, w.gate_up, w.down)) + w.head.rows * w.head.cols
+        layers = self.config.n_layers * sum(m.rows * m.cols for m in (w.qkv, w.wo, w.gate_up, w.down))
+        return layers + (w.head.rows * w.head.cols if with_head else 0)
