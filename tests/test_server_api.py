@@ -413,3 +413,25 @@ def _status_or_none(check):
         return check()
     except grpc.RpcError:
         return None
+
+
+def test_async_client_generate_and_session(server):
+    import asyncio
+
+    from engine.server.client import AsyncWaferClient
+
+    async def main():
+        async with AsyncWaferClient(server.address, timeout=60) as c:
+            text, done = await c.complete("async hello", max_tokens=5, temperature=0)
+            assert done.usage["completion_tokens"] >= 1
+            assert (await c.get_model("tiny")).name == "tiny"
+            assert await c.tokenize("hello") == server.runtime().tokenizer.encode("hello")
+            async with await c.session() as s:
+                _, d1 = await s.say("first", max_tokens=4, temperature=0)
+                _, d2 = await s.say("second", max_tokens=4, temperature=0)
+                assert d2.usage["cached_tokens"] > 0
+            assert s.closed_reason == "client"
+        return text
+
+    sync_text, _ = WaferClient(server.address).complete("async hello", max_tokens=5, temperature=0)
+    assert asyncio.run(main()) == sync_text

@@ -331,6 +331,92 @@ class AsyncWaferClient:
     async def list_models(self) -> list[pb.ModelInfo]:
         return list((await self.stub.ListModels(pb.ListModelsRequest(), timeout=10)).models)
 
+    async def get_model(self, name: str) -> pb.ModelInfo:
+        return await self.stub.GetModel(pb.GetModelRequest(name=name), timeout=10)
+
+    async def tokenize(self, text: str | None = None, *, messages=None, model: str = "") -> list[int]:
+        req = pb.TokenizeRequest(model=model)
+        _input(req, text, messages)
+        return list((await self.stub.Tokenize(req, timeout=10)).ids)
+
+    async def session(self, model: str = "", idle_timeout_s: int = 0) -> "AsyncSession":
+        """``async with await client.session() as s: text, done = await s.say("hi")``"""
+        s = AsyncSession(self, model, idle_timeout_s)
+        await s._open()
+        return s
+
+
+class AsyncSession:
+    def __init__(self, client: AsyncWaferClient, model: str = "", idle_timeout_s: int = 0):
+        self._call = client.stub.Session(timeout=client.timeout)
+        self._open_req = pb.SessionRequest(open=pb.SessionOpen(model=model, idle_timeout_s=idle_timeout_s))
+        self._n = 0
+        self.session_id = ""
+        self.model = ""
+        self.closed_reason = ""
+
+    async def _open(self) -> None:
+        await self._call.write(self._open_req)
+        first = await self._call.read()
+        if first is grpc.aio.EOF:
+            raise SessionError("CLOSED", "the server ended the session while opening it")
+        self.session_id, self.model = first.opened.session_id, first.opened.model
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def turn(self, prompt: str | None = None, *, messages=None, token_ids=None, coalesce: int = 1,
+                   turn_id: str | None = None, **sampling_kw) -> AsyncIterator[Token | Completion]:
+        self._n += 1
+        tid = turn_id or f"t{self._n}"
+        t = pb.Turn(turn_id=tid, coalesce_tokens=coalesce, sampling=sampling(**sampling_kw))
+        _input(t, prompt, messages, token_ids)
+        await self._call.write(pb.SessionRequest(turn=t))
+        while True:
+            resp = await self._call.read()
+            if resp is grpc.aio.EOF:
+                raise SessionError("CLOSED", "the session stream ended")
+            kind = resp.WhichOneof("kind")
+            if kind == "chunk":
+                for tok in _tokens(resp.chunk, time.monotonic_ns()):
+                    yield tok
+            elif kind == "final":
+                yield _final(resp.final)
+                return
+            elif kind == "error":
+                raise SessionError(resp.error.code, resp.error.message)
+            elif kind == "closed":
+                self.closed_reason = resp.closed.reason
+                raise SessionError("CLOSED", f"session closed by the server ({resp.closed.reason})")
+
+    async def say(self, content: str, **kw) -> tuple[str, Completion]:
+        parts, done = [], None
+        async for item in self.turn(messages=[{"role": "user", "content": content}], **kw):
+            if isinstance(item, Token):
+                parts.append(item.text)
+            else:
+                done = item
+        return "".join(parts), done
+
+    async def cancel(self, turn_id: str = "") -> None:
+        await self._call.write(pb.SessionRequest(cancel=pb.CancelTurn(turn_id=turn_id)))
+
+    async def close(self) -> None:
+        if self._call is None:
+            return
+        try:
+            await self._call.write(pb.SessionRequest(close=pb.CloseSession()))
+            await self._call.done_writing()
+            while (resp := await self._call.read()) is not grpc.aio.EOF:
+                if resp.WhichOneof("kind") == "closed":
+                    self.closed_reason = resp.closed.reason
+        except (grpc.RpcError, grpc.aio.UsageError):
+            pass
+        self._call = None
+
 
 # ------------------------------------------------------------------------------- CLI glue
 
