@@ -19,8 +19,18 @@ def path(tiny_gguf):
     return tiny_gguf("Q4_1", context_length=1024)
 
 
+_shared = {}
+
+
 def make(path, kv_blocks=None, **cfg):
-    model = Model.load(path, max_batch=16, kv_blocks=kv_blocks, block_size=16)
+    """A scheduler over a fresh model with ``kv_blocks``, or over the module's shared model."""
+    if kv_blocks is None:
+        if path not in _shared:
+            _shared[path] = Model.load(path, max_batch=16, block_size=16)
+        model = _shared[path]
+        assert model.kv.allocator.num_used == 0
+    else:
+        model = Model.load(path, max_batch=16, kv_blocks=kv_blocks, block_size=16)
     events = []
     sched = Scheduler(model, SchedulerConfig(max_batch=16, **cfg), publish=events.extend)
     return sched, events
