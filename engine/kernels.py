@@ -40,8 +40,8 @@ def _cache_dir() -> str:
 
 numba.config.CACHE_DIR = _cache_dir()  # must precede the decorators below
 
-from engine.simd import (axpy16, dot_q4_row, dot_q4_x4, dot_q8_row, dot_q8_x4, exp16, scores16,
-                         silu_mul16)
+from engine.simd import (axpy16, dot_q4_row, dot_q4_x4, dot_q4_x8, dot_q8_row, dot_q8_x4, dot_q8_x8,
+                         exp16, scores16, silu_mul16)
 
 F32, F16, Q4, Q8 = 0, 1, 3, 8  # GGML type ids (Q4_0 is served by the Q4 kernels)
 BLOCK = 32  # elements per quantization block
@@ -149,17 +149,27 @@ def gemv(w, half, l, x, n_tok, out, xsum):
                 xsum[t, b] = s
         for r in prange(N):
             q, sc = w.q4[l, r], w.scales[l, r]
-            for t in range(0, n_tok - 3, 4):
+            t = 0
+            while t + 8 <= n_tok:
+                dot_q4_x8(q, sc, x, t, xsum, out, r)
+                t += 8
+            if t + 4 <= n_tok:
                 dot_q4_x4(q, sc, x, t, xsum, out, r)
-            for t in range(n_tok - n_tok % 4, n_tok):
+                t += 4
+            for t in range(t, n_tok):
                 out[t, r] = dot_q4_row(q, sc, x[t], xsum[t])
         return
     if w.fmt == Q8:
         for r in prange(N):
             q, sc = w.q8[l, r], w.scales[l, r]
-            for t in range(0, n_tok - 3, 4):
+            t = 0
+            while t + 8 <= n_tok:
+                dot_q8_x8(q, sc, x, t, out, r)
+                t += 8
+            if t + 4 <= n_tok:
                 dot_q8_x4(q, sc, x, t, out, r)
-            for t in range(n_tok - n_tok % 4, n_tok):
+                t += 4
+            for t in range(t, n_tok):
                 out[t, r] = dot_q8_row(q, sc, x[t])
         return
     for g in prange(N // 4):

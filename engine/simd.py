@@ -283,9 +283,9 @@ def _fold8(builder, v, n):
     return out
 
 
-def _rows_codegen(fmt):
-    """Codegen for dot_q4_x4 / dot_q8_x4: one weight row against 4 tokens at once. The row's
-    block is unpacked to floats once and used for the 4 tokens (weights read once per step)."""
+def _rows_codegen(fmt, n_tok):
+    """Codegen for dot_q4_x{n} / dot_q8_x{n}: one weight row against n_tok tokens at once. The
+    row's block is unpacked to floats once and used for every token (weights read once per step)."""
 
     def codegen(context, builder, signature, args):
         if fmt == "q4":
@@ -306,7 +306,7 @@ def _rows_codegen(fmt):
         n_blocks = builder.udiv(nitems, ir.Constant(I64, 16 if fmt == "q4" else 32))
         v16f, v32f, v8f = _vec(F32, 16), _vec(F32, 32), _vec(F32, 8)
         fl = ("fast",)
-        tok = [builder.add(t0, ir.Constant(I64, i)) for i in range(4)]
+        tok = [builder.add(t0, ir.Constant(I64, i)) for i in range(n_tok)]
         x_base = [builder.mul(t, x_row) for t in tok]
 
         def body(b, accs):
@@ -323,7 +323,7 @@ def _rows_codegen(fmt):
                 qf = builder.sitofp(raw, v32f)
                 d = _splat(builder, _half_at(builder, s_ptr, b), 8)
             xo = builder.mul(b, ir.Constant(I64, 32))
-            for i in range(4):
+            for i in range(n_tok):
                 base = builder.add(x_base[i], xo)
                 if fmt == "q4":
                     xl = _load_vec(builder, x_ptr, base, v16f)
@@ -341,8 +341,8 @@ def _rows_codegen(fmt):
             return new
 
         zero8, zero = ir.Constant(v8f, [0.0] * 8), ir.Constant(F32, 0.0)
-        accs = _block_loop(builder, n_blocks, body, [zero8, zero] * 4)
-        for i in range(4):
+        accs = _block_loop(builder, n_blocks, body, [zero8, zero] * n_tok)
+        for i in range(n_tok):
             total = builder.fadd(_hsum(builder, accs[2 * i], 8), accs[2 * i + 1])
             builder.store(total, builder.gep(o_ptr, [builder.add(builder.mul(tok[i], o_row), r)]))
         return context.get_dummy_value()
@@ -353,13 +353,25 @@ def _rows_codegen(fmt):
 @intrinsic
 def dot_q4_x4(typingctx, q, s, x, t0, xsum, out, r):
     """out[t0+i, r] = Q4 row . x[t0+i] for i < 4 (x, xsum, out are [tokens, ...] arrays)."""
-    return types.void(q, s, x, t0, xsum, out, r), _rows_codegen("q4")
+    return types.void(q, s, x, t0, xsum, out, r), _rows_codegen("q4", 4)
+
+
+@intrinsic
+def dot_q4_x8(typingctx, q, s, x, t0, xsum, out, r):
+    """out[t0+i, r] = Q4 row . x[t0+i] for i < 8."""
+    return types.void(q, s, x, t0, xsum, out, r), _rows_codegen("q4", 8)
 
 
 @intrinsic
 def dot_q8_x4(typingctx, q, s, x, t0, out, r):
     """out[t0+i, r] = Q8 row . x[t0+i] for i < 4."""
-    return types.void(q, s, x, t0, out, r), _rows_codegen("q8")
+    return types.void(q, s, x, t0, out, r), _rows_codegen("q8", 4)
+
+
+@intrinsic
+def dot_q8_x8(typingctx, q, s, x, t0, out, r):
+    """out[t0+i, r] = Q8 row . x[t0+i] for i < 8."""
+    return types.void(q, s, x, t0, out, r), _rows_codegen("q8", 8)
 
 
 @intrinsic

@@ -33,7 +33,7 @@ def models(tiny_gguf):
     def get(weight_type, **kw):
         key = (weight_type, tuple(sorted(kw.items())))
         if key not in cache:
-            cache[key] = Model(tiny_gguf(weight_type, **kw), max_batch=8, kv_blocks=64, max_chunk=64)
+            cache[key] = Model(tiny_gguf(weight_type, **kw), max_batch=16, kv_blocks=64, max_chunk=64)
         return cache[key]
 
     return get
@@ -82,7 +82,8 @@ def test_batched_decode_equals_single_steps(models):
     """B sequences of different lengths in one step give each the logits it gets alone."""
     model = models("Q4_1")
     rng = np.random.default_rng(1)
-    lengths = [1, 5, 17, 30, 9, 3]  # 6 sequences: a group of 4 tokens and 2 single ones
+    # 13 sequences: the kernels take them as a group of 8, a group of 4 and a single one
+    lengths = [1, 5, 17, 30, 9, 3, 2, 11, 4, 25, 7, 1, 14]
     seqs = [rng.integers(0, model.config.vocab_size, n + 1).astype(np.int32) for n in lengths]
     alloc = model.kv.allocator
     tables = np.zeros((len(seqs), 4), np.int32)
