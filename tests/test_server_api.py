@@ -333,19 +333,38 @@ def test_session_idle_expiry_frees_blocks(client, server):
     s.close()
 
 
-def test_session_rejects_overlapping_turn(client):
-    with client.session() as s:
-        s._out.put(pb.SessionRequest(turn=pb.Turn(turn_id="a", text="x", sampling=pb.SamplingParams(
-            max_tokens=200, temperature=0))))
-        s._out.put(pb.SessionRequest(turn=pb.Turn(turn_id="b", text="y")))
-        errors = []
-        for resp in s._call:
-            if resp.WhichOneof("kind") == "error":
-                errors.append(resp)
-                s.cancel("a")
-            if resp.WhichOneof("kind") == "final":
-                break
-        assert errors and errors[0].turn_id == "b" and errors[0].error.code == "FAILED_PRECONDITION"
+def _session_script(client, requests):
+    """Send a whole script of SessionRequests then half-close (as grpcurl does); all responses."""
+    return list(client.stub.Session(iter(requests), timeout=60))
+
+
+def _turn(tid, text, n=6):
+    return pb.SessionRequest(turn=pb.Turn(turn_id=tid, text=text, sampling=pb.SamplingParams(
+        max_tokens=n, temperature=0)))
+
+
+def test_session_turns_sent_together_run_in_order(client, server):
+    resps = _session_script(client, [pb.SessionRequest(open=pb.SessionOpen()),
+                                     _turn("a", "one two"), _turn("b", " three"), _turn("c", " four")])
+    finals = [(r.turn_id, r.final) for r in resps if r.WhichOneof("kind") == "final"]
+    assert [t for t, _ in finals] == ["a", "b", "c"]
+    assert finals[1][1].usage.cached_tokens > 0 and finals[2][1].usage.cached_tokens > 0
+    assert resps[0].WhichOneof("kind") == "opened"
+    assert wait_until(lambda: kv_used(server) == 0)  # the half-closed session was closed
+
+
+def test_session_queue_is_bounded_and_cancellable(client):
+    script = [pb.SessionRequest(open=pb.SessionOpen()), _turn("run", "x", 300)]
+    script += [_turn(f"q{i}", " y", 2) for i in range(5)]  # 4 fit in the queue, the 5th does not
+    script += [pb.SessionRequest(cancel=pb.CancelTurn(turn_id="q3")),
+               pb.SessionRequest(cancel=pb.CancelTurn(turn_id="run"))]
+    resps = _session_script(client, script)
+    errors = [r for r in resps if r.WhichOneof("kind") == "error"]
+    assert [(e.turn_id, e.error.code) for e in errors] == [("q4", "RESOURCE_EXHAUSTED")]
+    assert "limit 4" in errors[0].error.message
+    finals = {r.turn_id: r.final.finish_reason for r in resps if r.WhichOneof("kind") == "final"}
+    assert finals["q3"] == "cancelled" and finals["run"] in ("cancelled", "stop")
+    assert {"q0", "q1", "q2"} <= set(finals) and "q4" not in finals
 
 
 # ------------------------------------------------------------------------------ operations

@@ -34,6 +34,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 ROLES = ("system", "user", "assistant")
+MAX_QUEUED_TURNS = 4  # session turns sent while one runs wait in order, up to this many
 
 
 class Invalid(Exception):
@@ -494,68 +495,96 @@ class WaferServicer(pb_grpc.WaferServicer):
                 idle_timeout_s=int(session.idle_timeout_s)))
             cfg = rt.config
 
-            # ---- turns
+            # ---- turns (one runs at a time; turns sent meanwhile queue up, in order)
+            pending: collections.deque = collections.deque()
+            client_done = False
+
+            def start_turn(t: pb.Turn) -> pb.SessionResponse | None:
+                """Validate and submit a turn; a SessionResponse carrying the error if refused."""
+                nonlocal turn_req, turn_id, turn_msgs, state
+                arrival = time.monotonic_ns()
+                try:
+                    which = t.WhichOneof("input")
+                    new_ids, new_msgs = prompt_ids(rt.tokenizer, cfg.vocab_size, which, t)
+                    if new_msgs is not None:
+                        full = rt.tokenizer.encode_chat(conversation + new_msgs, add_generation_prompt=True)
+                        prompt, replace, total = full, True, len(full)
+                    else:
+                        prompt, replace = new_ids, False
+                        total = len(session.tokens) + len(new_ids)
+                    if total >= cfg.context_length:
+                        raise _invalid(f"conversation of {total} tokens exceeds the model's context of "
+                                       f"{cfg.context_length} tokens")
+                    params = sampling_params(t.sampling, vocab_size=cfg.vocab_size,
+                                             context_length=cfg.context_length, prompt_len=total,
+                                             kv_tokens=rt.kv_tokens)
+                    coalesce = coalesce_of(t.coalesce_tokens)
+                except Invalid as e:
+                    return pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(
+                        code=e.code.name, message=e.message))
+                req = sch.Request(prompt, params, request_id=t.turn_id, session=session,
+                                  replace=replace, deadline_ns=self._deadline_ns(context),
+                                  owner=(loop, q), arrival_ns=arrival)
+                try:
+                    rt.scheduler.submit(req)
+                except (sch.QueueFull, sch.SchedulerClosed) as e:
+                    code = "RESOURCE_EXHAUSTED" if isinstance(e, sch.QueueFull) else "UNAVAILABLE"
+                    return pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(code=code, message=str(e)))
+                turn_req, turn_id, turn_msgs = req, t.turn_id, new_msgs
+                # the cached count is known once the engine admits the turn (set at its first token)
+                state = StreamState(entry.name, arrival, coalesce, self.server.metrics,
+                                    rt.emulator.stream(arrival, total, 0) if rt.emulator else None)
+                return None
+
+            def busy() -> bool:  # a turn is open until its final (or error) has been sent
+                return state is not None
+
             while True:
+                # start queued turns while idle (a refused one reports its error; try the next)
+                while pending and not busy():
+                    refused = start_turn(pending.popleft())
+                    if refused is not None:
+                        yield refused
+                if client_done and not busy():
+                    return
                 src, item = await q.get()
                 if src is CLIENT:
-                    if item is None:
-                        return
+                    if item is None:  # half-close: finish the running and queued turns, then end
+                        client_done = True
+                        continue
                     kind = item.WhichOneof("kind")
                     if kind == "close":
                         if turn_req is not None and not turn_req.done:
                             rt.scheduler.cancel(turn_req)
+                        pending.clear()
                         yield pb.SessionResponse(turn_id=turn_id, closed=pb.SessionClosed(reason="client"))
                         return
                     if kind == "cancel":
-                        if turn_req is not None and not turn_req.done and (
-                                not item.cancel.turn_id or item.cancel.turn_id == turn_id):
+                        tid = item.cancel.turn_id
+                        queued = [t for t in pending if t.turn_id == tid] if tid else []
+                        if queued:
+                            pending.remove(queued[0])
+                            yield pb.SessionResponse(turn_id=tid, final=pb.Final(
+                                finish_reason=sch.FINISH_CANCELLED, usage=pb.Usage()))
+                        elif busy() and not turn_req.done and (not tid or tid == turn_id):
                             rt.scheduler.cancel(turn_req)
                         continue
                     if kind != "turn":
                         yield pb.SessionResponse(error=pb.TurnError(
                             code="INVALID_ARGUMENT", message=f"unexpected `{kind}` in an open session"))
                         continue
-                    t = item.turn
-                    if turn_req is not None and not turn_req.done:
-                        yield pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(
-                            code="FAILED_PRECONDITION",
-                            message=f"turn {turn_id!r} is still running; cancel it or wait for its final"))
-                        continue
-                    arrival = time.monotonic_ns()
-                    try:
-                        which = t.WhichOneof("input")
-                        new_ids, new_msgs = prompt_ids(rt.tokenizer, cfg.vocab_size, which, t)
-                        if new_msgs is not None:
-                            full = rt.tokenizer.encode_chat(conversation + new_msgs, add_generation_prompt=True)
-                            prompt, replace, total = full, True, len(full)
+                    if busy() or pending:
+                        if len(pending) >= MAX_QUEUED_TURNS:
+                            yield pb.SessionResponse(turn_id=item.turn.turn_id, error=pb.TurnError(
+                                code="RESOURCE_EXHAUSTED",
+                                message=f"{len(pending)} turns already queued behind turn {turn_id!r}; "
+                                        f"limit {MAX_QUEUED_TURNS}"))
                         else:
-                            prompt, replace = new_ids, False
-                            total = len(session.tokens) + len(new_ids)
-                        if total >= cfg.context_length:
-                            raise _invalid(f"conversation of {total} tokens exceeds the model's context of "
-                                           f"{cfg.context_length} tokens")
-                        params = sampling_params(t.sampling, vocab_size=cfg.vocab_size,
-                                                 context_length=cfg.context_length, prompt_len=total,
-                                                 kv_tokens=rt.kv_tokens)
-                        coalesce = coalesce_of(t.coalesce_tokens)
-                    except Invalid as e:
-                        yield pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(
-                            code=e.code.name, message=e.message))
+                            pending.append(item.turn)
                         continue
-                    turn_id, turn_msgs = t.turn_id, new_msgs
-                    turn_req = sch.Request(prompt, params, request_id=turn_id, session=session,
-                                           replace=replace, deadline_ns=self._deadline_ns(context),
-                                           owner=(loop, q), arrival_ns=arrival)
-                    try:
-                        rt.scheduler.submit(turn_req)
-                    except (sch.QueueFull, sch.SchedulerClosed) as e:
-                        code = "RESOURCE_EXHAUSTED" if isinstance(e, sch.QueueFull) else "UNAVAILABLE"
-                        turn_req = None
-                        yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(code=code, message=str(e)))
-                        continue
-                    # cached count is only known once the engine admits the turn: stamp with 0
-                    state = StreamState(entry.name, arrival, coalesce, self.server.metrics,
-                                        rt.emulator.stream(arrival, total, 0) if rt.emulator else None)
+                    refused = start_turn(item.turn)
+                    if refused is not None:
+                        yield refused
                     continue
 
                 req, ev = src, item
@@ -575,10 +604,12 @@ class WaferServicer(pb_grpc.WaferServicer):
                 # FinishEvent of the current turn
                 code = _ERROR_FINISH.get(ev.reason)
                 if code is not None and ev.reason != sch.FINISH_DEADLINE:
+                    state = None
                     yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(
                         code=code.name, message=ev.error or ev.reason))
                     continue
                 if ev.error and ev.reason == sch.FINISH_LENGTH and ev.stats.completion_tokens == 0:
+                    state = None
                     yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(
                         code="INVALID_ARGUMENT", message=ev.error))
                     continue
@@ -589,7 +620,9 @@ class WaferServicer(pb_grpc.WaferServicer):
                 if turn_msgs is not None:
                     conversation.extend(turn_msgs)
                     conversation.append({"role": "assistant", "content": "".join(state.text)})
-                yield pb.SessionResponse(turn_id=turn_id, final=state.final(ev))
+                final = state.final(ev)
+                state = None
+                yield pb.SessionResponse(turn_id=turn_id, final=final)
                 if ev.reason == sch.FINISH_DEADLINE:
                     await self._abort(context, Invalid(grpc.StatusCode.DEADLINE_EXCEEDED,
                                                        "session deadline exceeded"), entry.name, md)
