@@ -73,7 +73,8 @@ class WaferServicer:
 
     def Session(self, request_iterator, context):
         """A persistent conversation: the server keeps the sequence's KV cache between turns, so a
-        follow-up turn only prefills its new tokens. First message must be `open`.
+        follow-up turn only prefills its new tokens. First message must be `open`. Turns sent while
+        one runs wait in order (up to 4); a half-close finishes them, then ends the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
