@@ -216,7 +216,8 @@ class WaferServer:
         for rt in self.runtimes.values():
             log.info("model %s ready in %.1f s (%s)%s", rt.entry.name, rt.load_seconds,
                      rt.config.quantization,
-                     f", emulating {rt.emulate} pace={rt.pace}" if rt.emulate else "")
+                     f", emulating {rt.emulate} on {rt.emulator.clock.n_wafers} wafer(s), pace={rt.pace}"
+                     if rt.emulator else "")
         log.info("ready: serving %s on %s", ", ".join(e.name for e in self.registry.served()),
                  self.address)
 
