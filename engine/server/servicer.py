@@ -174,6 +174,7 @@ class StreamState:
     first_sent_ns: int = 0
     last_sent_ns: int = 0
     text: list = field(default_factory=list)
+    _itl: Any = None
 
     def add(self, ev: sch.TokenEvent) -> pb.TokenChunk | None:
         self.pending.append(ev)
@@ -232,7 +233,9 @@ class StreamState:
             gaps = n
             gap = (now - self.last_sent_ns) / 1e9 / n
         if m is not None and gaps:
-            h = m.itl.labels(self.model_name)
+            h = self._itl
+            if h is None:
+                h = self._itl = m.itl.labels(self.model_name)
             for _ in range(gaps):
                 h.observe(gap)
         self.n_sent += n
