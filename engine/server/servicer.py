@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -288,23 +289,19 @@ class Publisher:
     The hop runs on a small notifier thread, not on the engine thread: waking the event loop is a
     syscall that releases the GIL, and the loop then holds it while it streams the step's tokens;
     done on the engine thread, that would delay the next decode by the loop's whole turn (measured
-    ~0.7 ms per step with one stream). The engine only appends to a deque and sets an Event.
+    ~0.7 ms per step with one stream). The engine only puts the batch on a SimpleQueue.
     """
 
     def __init__(self) -> None:
-        self._pending: collections.deque = collections.deque()
-        self._wake = threading.Event()
-        self._closed = False
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()  # put() is the cheapest wake-up
         self._thread = threading.Thread(target=self._run, name="wafer-publisher", daemon=True)
         self._thread.start()
 
     def __call__(self, items) -> None:
-        self._pending.append(items)
-        self._wake.set()
+        self._pending.put(items)
 
     def close(self) -> None:
-        self._closed = True
-        self._wake.set()
+        self._pending.put(None)
 
     @staticmethod
     def _deliver(items) -> None:
@@ -312,12 +309,18 @@ class Publisher:
             q.put_nowait(item)
 
     def _run(self) -> None:
-        while not self._closed:
-            self._wake.wait()
-            self._wake.clear()
+        while True:
+            batches = [self._pending.get()]
+            while True:  # everything queued meanwhile goes in the same hop
+                try:
+                    batches.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
             by_loop: dict = {}
-            while self._pending:
-                for req, ev in self._pending.popleft():
+            for items in batches:
+                if items is None:
+                    return
+                for req, ev in items:
                     owner = req.owner
                     if owner is None:
                         continue
