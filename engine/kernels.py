@@ -40,12 +40,13 @@ def _cache_dir() -> str:
 
 numba.config.CACHE_DIR = _cache_dir()  # must precede the decorators below
 
-from engine.simd import (axpy16, dot_q4_row, dot_q4_x4, dot_q4_x8, dot_q8_row, dot_q8_x4, dot_q8_x8,
-                         exp16, scores16, silu_mul16)
+from engine.simd import dequant_row as dequant_quantized_row
+from engine.simd import (axpy16, dot_q4_row, dot_q4_x4, dot_q8_row, dot_q8_x4, exp16, scores16,
+                         silu_mul16)
 
 F32, F16, Q4, Q8 = 0, 1, 3, 8  # GGML type ids (Q4_0 is served by the Q4 kernels)
 BLOCK = 32  # elements per quantization block
-GEMV_MAX_TOKENS = 32  # up to this many tokens a step uses the matrix-vector kernels
+GEMV_MAX_TOKENS = 5  # up to this many tokens a step uses the matrix-vector kernels (measured crossover)
 GEMM_TILE = 64  # weight rows a thread dequantizes and multiplies at a time in the matrix path
 GEMM_TOKENS = 16  # tokens multiplied per pass over a tile (their activations stay in L1/L2)
 
@@ -77,18 +78,9 @@ def dequant_row(w, half, l, r, out):
     """out[:cols] = row r of layer l as float32."""
     K = w.cols
     if w.fmt == Q4:
-        for b in range(K // BLOCK):
-            d = half[w.scales[l, r, 2 * b]]
-            m = half[w.scales[l, r, 2 * b + 1]]
-            for j in range(16):
-                q = w.q4[l, r, 16 * b + j]
-                out[BLOCK * b + j] = d * np.float32(q & 15) + m
-                out[BLOCK * b + 16 + j] = d * np.float32(q >> 4) + m
+        dequant_quantized_row(w.q4[l, r], w.scales[l, r], out, True)
     elif w.fmt == Q8:
-        for b in range(K // BLOCK):
-            d = half[w.scales[l, r, b]]
-            for j in range(BLOCK):
-                out[BLOCK * b + j] = d * np.float32(w.q8[l, r, BLOCK * b + j])
+        dequant_quantized_row(w.q8[l, r], w.scales[l, r], out, False)
     elif w.fmt == F16:
         for k in range(K):
             out[k] = half[w.f16[l, r, k]]
@@ -149,27 +141,17 @@ def gemv(w, half, l, x, n_tok, out, xsum):
                 xsum[t, b] = s
         for r in prange(N):
             q, sc = w.q4[l, r], w.scales[l, r]
-            t = 0
-            while t + 8 <= n_tok:
-                dot_q4_x8(q, sc, x, t, xsum, out, r)
-                t += 8
-            if t + 4 <= n_tok:
+            for t in range(0, n_tok - 3, 4):
                 dot_q4_x4(q, sc, x, t, xsum, out, r)
-                t += 4
-            for t in range(t, n_tok):
+            for t in range(n_tok - n_tok % 4, n_tok):
                 out[t, r] = dot_q4_row(q, sc, x[t], xsum[t])
         return
     if w.fmt == Q8:
         for r in prange(N):
             q, sc = w.q8[l, r], w.scales[l, r]
-            t = 0
-            while t + 8 <= n_tok:
-                dot_q8_x8(q, sc, x, t, out, r)
-                t += 8
-            if t + 4 <= n_tok:
+            for t in range(0, n_tok - 3, 4):
                 dot_q8_x4(q, sc, x, t, out, r)
-                t += 4
-            for t in range(t, n_tok):
+            for t in range(n_tok - n_tok % 4, n_tok):
                 out[t, r] = dot_q8_row(q, sc, x[t])
         return
     for g in prange(N // 4):
@@ -188,7 +170,7 @@ def gemv(w, half, l, x, n_tok, out, xsum):
             out[t, r] = a
 
 
-@pjit
+@jit
 def matmul(w, half, l, x, n_tok, out, xsum, wtiles):
     """out[t, :rows] = W[l] @ x[t, :cols] for t < n_tok.
 
@@ -199,7 +181,12 @@ def matmul(w, half, l, x, n_tok, out, xsum, wtiles):
     """
     if n_tok <= GEMV_MAX_TOKENS:
         gemv(w, half, l, x, n_tok, out, xsum)
-        return
+    else:
+        gemm(w, half, l, x, n_tok, out, wtiles)
+
+
+@pjit
+def gemm(w, half, l, x, n_tok, out, wtiles):
     N = w.rows
     K = w.cols
     for i in prange((N + GEMM_TILE - 1) // GEMM_TILE):

@@ -357,21 +357,9 @@ def dot_q4_x4(typingctx, q, s, x, t0, xsum, out, r):
 
 
 @intrinsic
-def dot_q4_x8(typingctx, q, s, x, t0, xsum, out, r):
-    """out[t0+i, r] = Q4 row . x[t0+i] for i < 8."""
-    return types.void(q, s, x, t0, xsum, out, r), _rows_codegen("q4", 8)
-
-
-@intrinsic
 def dot_q8_x4(typingctx, q, s, x, t0, out, r):
     """out[t0+i, r] = Q8 row . x[t0+i] for i < 4."""
     return types.void(q, s, x, t0, out, r), _rows_codegen("q8", 4)
-
-
-@intrinsic
-def dot_q8_x8(typingctx, q, s, x, t0, out, r):
-    """out[t0+i, r] = Q8 row . x[t0+i] for i < 8."""
-    return types.void(q, s, x, t0, out, r), _rows_codegen("q8", 8)
 
 
 @intrinsic
@@ -390,6 +378,63 @@ def silu_mul16(typingctx, gate_up, k0, d_ffn, out):
         silu = builder.fdiv(gate, builder.fadd(one, e))
         p = builder.gep(_data(context, builder, ot, args[3]), [args[1]])
         builder.store(builder.fmul(silu, up), builder.bitcast(p, vf.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+
+@intrinsic
+def dequant_row(typingctx, q, s, out, fmt_q4):
+    """out[:cols] = one Q4 (fmt_q4 true: nibbles, (d, m) pairs) or Q8 (int8, d) row as float32,
+    a block (32 values) per vector step."""
+    sig = types.void(q, s, out, fmt_q4)
+
+    def codegen(context, builder, signature, args):
+        qt, st, ot, _ = signature.args
+        q_ptr = _data(context, builder, qt, args[0])
+        s_ptr = _data(context, builder, st, args[1])
+        o_ptr = _data(context, builder, ot, args[2])
+        nitems = context.make_array(qt)(context, builder, args[0]).nitems
+        v16f, v32f = _vec(F32, 16), _vec(F32, 32)
+        fl = ("fast",)
+        is_q4 = args[3]
+        q4_blk = builder.append_basic_block("q4")
+        q8_blk = builder.append_basic_block("q8")
+        end = builder.append_basic_block("end")
+        builder.cbranch(is_q4, q4_blk, q8_blk)
+
+        builder.position_at_end(q4_blk)
+
+        def body4(b, accs):
+            raw = _load_vec(builder, q_ptr, builder.mul(b, ir.Constant(I64, 16)), _vec(I8, 16))
+            lo = builder.uitofp(builder.and_(raw, ir.Constant(_vec(I8, 16), [15] * 16)), v16f)
+            hi = builder.uitofp(builder.lshr(raw, ir.Constant(_vec(I8, 16), [4] * 16)), v16f)
+            two_b = builder.mul(b, ir.Constant(I64, 2))
+            d = _splat(builder, _half_at(builder, s_ptr, two_b), 16)
+            m = _splat(builder, _half_at(builder, s_ptr, builder.add(two_b, ir.Constant(I64, 1))), 16)
+            o = builder.mul(b, ir.Constant(I64, 32))
+            for part, off in ((lo, 0), (hi, 16)):
+                v = builder.fadd(builder.fmul(part, d, flags=fl), m, flags=fl)
+                p = builder.gep(o_ptr, [builder.add(o, ir.Constant(I64, off))])
+                builder.store(v, builder.bitcast(p, v16f.as_pointer()), align=1)
+            return []
+
+        _block_loop(builder, builder.udiv(nitems, ir.Constant(I64, 16)), body4, [])
+        builder.branch(end)
+
+        builder.position_at_end(q8_blk)
+
+        def body8(b, accs):
+            o = builder.mul(b, ir.Constant(I64, 32))
+            qf = builder.sitofp(_load_vec(builder, q_ptr, o, _vec(I8, 32)), v32f)
+            v = builder.fmul(qf, _splat(builder, _half_at(builder, s_ptr, b), 32), flags=fl)
+            builder.store(v, builder.bitcast(builder.gep(o_ptr, [o]), v32f.as_pointer()), align=1)
+            return []
+
+        _block_loop(builder, builder.udiv(nitems, ir.Constant(I64, 32)), body8, [])
+        builder.branch(end)
+        builder.position_at_end(end)
         return context.get_dummy_value()
 
     return sig, codegen
