@@ -214,7 +214,8 @@ class Scheduler:
         self.model = model
         self.cfg = config or SchedulerConfig()
         self.cfg.max_batch = min(self.cfg.max_batch, getattr(model, "max_batch", self.cfg.max_batch))
-        self.publish = publish or _default_publish
+        self._publish = publish or _default_publish
+        self._outbox: list = []
         self.on_step = on_step  # (batch_size, decode_ns, prefill_tokens) after every step
         self.tokenizer = model.tokenizer
         self.allocator = model.kv.allocator
@@ -245,6 +246,20 @@ class Scheduler:
         self.max_batch_seen = 0
         self.decode_ns_total = 0
         self.preemptions = 0
+
+    # ---------------------------------------------------------------- event hand-off
+
+    def publish(self, items) -> None:
+        """Queue events; they leave at the next flush point (engine thread only)."""
+        self._outbox.extend(items)
+
+    def _flush(self) -> None:
+        """Hand queued events to the publisher. Called right before the engine enters a model
+        call (which releases the GIL): the threads this wakes then stream the tokens while the
+        engine computes, instead of contending with the engine's own Python between steps."""
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            self._publish(items)
 
     # ---------------------------------------------------------------- thread-safe front
 
@@ -326,6 +341,7 @@ class Scheduler:
                 self._apply_commands()
                 self._expire_sessions()
                 if not self.running and not self.waiting:
+                    self._flush()
                     self._wake.wait(0.05)
                     continue
                 self.step()
@@ -353,10 +369,16 @@ class Scheduler:
         self.steps += 1
         if self.on_step is not None:
             self.on_step(batch, self._last_decode_ns, n_prefill)
+        if not self._has_model_work():  # no model call coming to flush before: flush now
+            self._flush()
+
+    def _has_model_work(self) -> bool:
+        return bool(self.running) or bool(self.waiting and len(self.running) < self.cfg.max_batch)
 
     # ---------------------------------------------------------------- commands
 
     def _apply_commands(self) -> None:
+        n_before = len(self._outbox)
         while self._inbox:
             cmd = self._inbox.popleft()
             kind = cmd[0]
@@ -375,6 +397,8 @@ class Scheduler:
                     self._finish(seq, cmd[1], None)
                 for s in list(self.sessions.values()):
                     self._close_session(s, "shutdown")
+        if len(self._outbox) > n_before:  # cancellations and refusals answer at once
+            self._flush()
 
     def _unqueue(self) -> None:
         with self._lock:
@@ -561,6 +585,7 @@ class Scheduler:
             self._tok[i] = seq.tokens[seq.n_tokens - 1]
             self._pos[i] = seq.n_tokens - 1
             self._bt[i] = seq.table
+        self._flush()
         t0 = time.monotonic_ns()
         logits = self.model.decode(self._tok[:B], self._pos[:B], self._bt[:B])
         t1 = time.monotonic_ns()
@@ -616,6 +641,7 @@ class Scheduler:
                     seq.stats.queue_ns = time.monotonic_ns() - seq.stats.arrival_ns
             start = seq.num_computed
             toks = seq.tokens[start : start + n]
+            self._flush()
             t0 = time.monotonic_ns()
             logits = self.model.prefill(toks, seq.table, start)
             dt = time.monotonic_ns() - t0
@@ -630,7 +656,7 @@ class Scheduler:
                 if seq.stats.max_batch_size < 1:
                     seq.stats.max_batch_size = 1
                 self._sample_and_emit(seq, logits, seq.stats.prefill_ns, 1, items)
-                # out at once: a first token does not wait for the other prefills of this step
+                # queued now: it leaves before the next model call, not after this step's prefills
                 self.publish(items[:])
                 items.clear()
         return done
