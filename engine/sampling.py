@@ -95,18 +95,32 @@ class Sampler:
         cand = np.flatnonzero(work >= top - NEGLIGIBLE_LOGIT_GAP)
         if 0 < p.top_k < cand.size:
             cand = cand[np.argpartition(-work[cand], p.top_k - 1)[: p.top_k]]
-        cand = cand[np.argsort(-work[cand], kind="stable")]
-        probs = np.exp(work[cand] - top).astype(np.float64)
-        probs /= probs.sum()
-        keep = cand.size
+        probs = np.exp(work[cand] - top, dtype=np.float64)  # unnormalised; the best token has 1.0
         if p.top_p < 1.0:
-            # smallest prefix whose mass reaches top_p (always at least one token)
-            keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
+            cand, probs = _top_p(cand, probs, p.top_p)
         if p.min_p > 0.0:
-            keep = min(keep, max(1, int(np.count_nonzero(probs >= p.min_p * probs[0]))))
-        probs = probs[:keep]
-        probs /= probs.sum()
-        return int(cand[self.rng.choice(keep, p=probs)])
+            keep = probs >= p.min_p  # relative to the best token's probability (1.0 here)
+            cand, probs = cand[keep], probs[keep]
+        # one uniform draw against the cumulative mass: no sort needed
+        cum = np.cumsum(probs)
+        i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
+        return int(cand[min(i, cand.size - 1)])
+
+
+def _top_p(cand: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest set of most likely tokens whose mass reaches top_p (at least one token).
+    Sorts only as many candidates as needed: the 64 most likely, then 512, ... ."""
+    total = probs.sum()
+    k = 64
+    while True:
+        k = min(k, cand.size)
+        idx = np.argpartition(-probs, k - 1)[:k] if k < cand.size else np.arange(cand.size)
+        idx = idx[np.argsort(-probs[idx], kind="stable")]
+        mass = np.cumsum(probs[idx]) / total
+        if mass[-1] >= top_p or k == cand.size:
+            n = min(k, int(np.searchsorted(mass, top_p)) + 1)
+            return cand[idx[:n]], probs[idx[:n]]
+        k *= 8
 
 
 def logprobs_topn(logits: np.ndarray, token_id: int, n: int) -> tuple[float, list[tuple[int, float]]]:
