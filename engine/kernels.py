@@ -41,7 +41,7 @@ def _cache_dir() -> str:
 numba.config.CACHE_DIR = _cache_dir()  # must precede the decorators below
 
 from engine.simd import dequant_row as dequant_quantized_row
-from engine.simd import (axpy16, dot_q4_row, dot_q4_x4, dot_q8_row, dot_q8_x4, exp16, scores16,
+from engine.simd import (axpy16, dot_q4_x1, dot_q4_x4, dot_q8_x1, dot_q8_x4, exp16, scores16,
                          silu_mul16)
 
 F32, F16, Q4, Q8 = 0, 1, 3, 8  # GGML type ids (Q4_0 is served by the Q4 kernels)
@@ -144,7 +144,7 @@ def gemv(w, half, l, x, n_tok, out, xsum):
             for t in range(0, n_tok - 3, 4):
                 dot_q4_x4(q, sc, x, t, xsum, out, r)
             for t in range(n_tok - n_tok % 4, n_tok):
-                out[t, r] = dot_q4_row(q, sc, x[t], xsum[t])
+                dot_q4_x1(q, sc, x, t, xsum, out, r)
         return
     if w.fmt == Q8:
         for r in prange(N):
@@ -152,7 +152,7 @@ def gemv(w, half, l, x, n_tok, out, xsum):
             for t in range(0, n_tok - 3, 4):
                 dot_q8_x4(q, sc, x, t, out, r)
             for t in range(n_tok - n_tok % 4, n_tok):
-                out[t, r] = dot_q8_row(q, sc, x[t])
+                dot_q8_x1(q, sc, x, t, out, r)
         return
     for g in prange(N // 4):
         r0 = 4 * g

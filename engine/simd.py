@@ -7,9 +7,9 @@ activations and accumulated across blocks in vector registers with the block's s
 horizontal sum per row. The IR is target-independent (LLVM picks AVX2, AVX-512 or NEON), and
 the arithmetic is float32 like the rest of the engine: no activation quantization.
 
-Each function takes 1-D C-contiguous rows: `dot_q4_row(q, s, x, xsum)` with q the row's
-nibbles (uint8), s its fp16 (d, m) pairs as uint16, x float32 activations, xsum per-block
-sums of x; `dot_q8_row(q, s, x)` with q the int8 row and s its fp16 scales.
+The row dots take one weight row as 1-D C-contiguous arrays: q its nibbles (uint8, Q4) or int8
+values (Q8), s its fp16 scales as uint16 ((d, m) pairs for Q4); x the [tokens, cols] float32
+activations, xsum their per-block sums (Q4), and write out[t, r] for 1 or 4 tokens from t0.
 """
 
 from __future__ import annotations
@@ -86,79 +86,6 @@ def _block_loop(builder, n_blocks, body, acc_init):
         phi.add_incoming(v, end)
         out.append(phi)
     return out
-
-
-@intrinsic
-def dot_q4_row(typingctx, q, s, x, xsum):
-    """sum over blocks b of d_b * (q_b . x_b) + m_b * xsum_b, for one Q4 row."""
-    sig = types.float32(q, s, x, xsum)
-
-    def codegen(context, builder, signature, args):
-        qt, st, xt, xst = signature.args
-        q_ptr = _data(context, builder, qt, args[0])
-        s_ptr = _data(context, builder, st, args[1])
-        x_ptr = _data(context, builder, xt, args[2])
-        xs_ptr = _data(context, builder, xst, args[3])
-        n_blocks = builder.udiv(context.make_array(qt)(context, builder, args[0]).nitems,
-                                ir.Constant(I64, 16))
-        v16f = _vec(F32, 16)
-        fl = ("fast",)
-
-        def body(b, accs):
-            acc, macc = accs
-            raw = _load_vec(builder, q_ptr, builder.mul(b, ir.Constant(I64, 16)), _vec(I8, 16))
-            lo = builder.and_(raw, ir.Constant(_vec(I8, 16), [15] * 16))
-            hi = builder.lshr(raw, ir.Constant(_vec(I8, 16), [4] * 16))
-            lo_f = builder.uitofp(lo, v16f)
-            hi_f = builder.uitofp(hi, v16f)
-            xo = builder.mul(b, ir.Constant(I64, 32))
-            xl = _load_vec(builder, x_ptr, xo, v16f)
-            xh = _load_vec(builder, x_ptr, builder.add(xo, ir.Constant(I64, 16)), v16f)
-            t = builder.fadd(builder.fmul(lo_f, xl, flags=fl), builder.fmul(hi_f, xh, flags=fl), flags=fl)
-            d = _half_at(builder, s_ptr, builder.mul(b, ir.Constant(I64, 2)))
-            m = _half_at(builder, s_ptr, builder.add(builder.mul(b, ir.Constant(I64, 2)), ir.Constant(I64, 1)))
-            acc = builder.fadd(acc, builder.fmul(t, _splat(builder, d, 16), flags=fl), flags=fl)
-            xs = builder.load(builder.gep(xs_ptr, [b]))
-            macc = builder.fadd(macc, builder.fmul(m, xs, flags=fl), flags=fl)
-            return [acc, macc]
-
-        acc, macc = _block_loop(builder, n_blocks, body,
-                                [ir.Constant(v16f, [0.0] * 16), ir.Constant(F32, 0.0)])
-        return builder.fadd(_hsum(builder, acc, 16), macc)
-
-    return sig, codegen
-
-
-@intrinsic
-def dot_q8_row(typingctx, q, s, x):
-    """sum over blocks b of d_b * (q_b . x_b), for one Q8 row."""
-    sig = types.float32(q, s, x)
-
-    def codegen(context, builder, signature, args):
-        qt, st, xt = signature.args
-        q_ptr = _data(context, builder, qt, args[0])
-        s_ptr = _data(context, builder, st, args[1])
-        x_ptr = _data(context, builder, xt, args[2])
-        n_blocks = builder.udiv(context.make_array(qt)(context, builder, args[0]).nitems,
-                                ir.Constant(I64, 32))
-        v32f = _vec(F32, 32)
-        fl = ("fast",)
-
-        def body(b, accs):
-            (acc,) = accs
-            o = builder.mul(b, ir.Constant(I64, 32))
-            raw = _load_vec(builder, q_ptr, o, _vec(I8, 32))
-            qf = builder.sitofp(raw, v32f)
-            xv = _load_vec(builder, x_ptr, o, v32f)
-            d = _half_at(builder, s_ptr, b)
-            acc = builder.fadd(acc, builder.fmul(builder.fmul(qf, xv, flags=fl),
-                                                 _splat(builder, d, 32), flags=fl), flags=fl)
-            return [acc]
-
-        (acc,) = _block_loop(builder, n_blocks, body, [ir.Constant(v32f, [0.0] * 32)])
-        return _hsum(builder, acc, 32)
-
-    return sig, codegen
 
 
 def _shape(context, builder, aryty, ary, dim):
@@ -348,6 +275,18 @@ def _rows_codegen(fmt, n_tok):
         return context.get_dummy_value()
 
     return codegen
+
+
+@intrinsic
+def dot_q4_x1(typingctx, q, s, x, t0, xsum, out, r):
+    """out[t0, r] = Q4 row . x[t0] (the single-sequence decode step)."""
+    return types.void(q, s, x, t0, xsum, out, r), _rows_codegen("q4", 1)
+
+
+@intrinsic
+def dot_q8_x1(typingctx, q, s, x, t0, out, r):
+    """out[t0, r] = Q8 row . x[t0]."""
+    return types.void(q, s, x, t0, out, r), _rows_codegen("q8", 1)
 
 
 @intrinsic
