@@ -1,6 +1,7 @@
 """Engine throughput on the real model: decode (1 stream), prefill (512 tokens), batched decode
 (B=16), each with bytes of weights read per token and achieved GB/s next to the read bandwidth
-measured in the same run; cold/warm JIT start; and llama.cpp on the same file when installed."""
+measured in the same run; cold/warm JIT start; and llama.cpp on the same file when installed,
+in alternating rounds with our engine."""
 
 from __future__ import annotations
 
@@ -118,26 +119,53 @@ def test_cold_and_warm_start(model_path, tmp_path):
         "load_s": round(runs["warm"]["load_s"], 2)}
 
 
-def test_peer_llama_cpp(model_path, read_bandwidth_gbs):
-    """llama.cpp on the same GGUF and thread count, in this run (pip install llama-cpp-python)."""
+def test_peer_llama_cpp(model, read_bandwidth_gbs):
+    """llama.cpp on the same GGUF and thread count (pip install llama-cpp-python). The two run
+    in alternating rounds in this process, so both see the same machine; the ratio is the median
+    of the per-round ratios."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="peer bench needs `pip install llama-cpp-python`")
-    llm = llama_cpp.Llama(model_path=str(model_path), n_threads=THREADS, n_threads_batch=THREADS,
+    llm = llama_cpp.Llama(model_path=str(model.path), n_threads=THREADS, n_threads_batch=THREADS,
                           n_ctx=1024, n_batch=PREFILL, verbose=False)
-    prompt = np.random.default_rng(0).integers(100, 40000, PREFILL).tolist()
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(prompt)
-    prefill = PREFILL / (time.perf_counter() - t)
-    llm.reset()
-    llm.eval(prompt[:CONTEXT])
+    prompt = np.random.default_rng(0).integers(100, 40000, PREFILL).astype(np.int32)
+    blocks, table = _sequence(model, PREFILL)
     n = 64
-    t = time.perf_counter()
-    for i in range(n):
-        llm.eval([prompt[CONTEXT + i]])
-    decode = n / (time.perf_counter() - t)
-    row = {"decode_tok/s": round(decode, 1), "prefill_tok/s": round(prefill, 1)}
-    if "decode B=1" in REPORT:
-        row["wafer/llama.cpp decode"] = round(REPORT["decode B=1"]["tok/s"] / decode, 2)
-    if "prefill 512" in REPORT:
-        row["wafer/llama.cpp prefill"] = round(REPORT["prefill 512"]["tok/s"] / prefill, 2)
-    REPORT["llama.cpp (peer)"] = row
+
+    def ours_decode():
+        model.prefill(prompt[:CONTEXT], table, 0)
+        tok = np.array([42], np.int32)
+        t = time.perf_counter()
+        for i in range(n):
+            model.decode(tok, np.array([CONTEXT + i], np.int32), table[None])
+        return n / (time.perf_counter() - t)
+
+    def peer_decode():
+        llm.reset()
+        llm.eval(prompt[:CONTEXT].tolist())
+        t = time.perf_counter()
+        for i in range(n):
+            llm.eval([int(prompt[CONTEXT + i])])
+        return n / (time.perf_counter() - t)
+
+    def ours_prefill():
+        t = time.perf_counter()
+        model.prefill(prompt, table, 0)
+        return PREFILL / (time.perf_counter() - t)
+
+    def peer_prefill():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt.tolist())
+        return PREFILL / (time.perf_counter() - t)
+
+    decode = [(ours_decode(), peer_decode()) for _ in range(6)]
+    prefill = [(ours_prefill(), peer_prefill()) for _ in range(3)]
+    model.kv.allocator.free(blocks)
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    REPORT["llama.cpp (peer, alternating)"] = {
+        "wafer_decode_tok/s": round(med([a for a, _ in decode]), 1),
+        "llama.cpp_decode_tok/s": round(med([b for _, b in decode]), 1),
+        "decode_ratio": round(med([a / b for a, b in decode]), 2),
+        "wafer_prefill_tok/s": round(med([a for a, _ in prefill]), 1),
+        "llama.cpp_prefill_tok/s": round(med([b for _, b in prefill]), 1),
+        "prefill_ratio": round(med([a / b for a, b in prefill]), 2),
+    }
