@@ -119,7 +119,10 @@ class Model:
         log.info("loaded %s (%s, %d layers) in %.2fs", self.path.name, cfg.quantization,
                  cfg.n_layers, self.load_seconds)
 
-    load = classmethod(lambda cls, path, **kw: cls(path, **kw))
+    @classmethod
+    def load(cls, path: str | Path, **kw) -> "Model":
+        """Model(path, ...) under the name the server uses."""
+        return cls(path, **kw)
 
     def _buffers(self, T: int) -> Buffers:
         cfg = self.config
