@@ -217,6 +217,22 @@ class SessionError(Exception):
         self.message = message
 
 
+def _session_items(session, resp) -> tuple[list, bool]:
+    """What one Session response means for the turn in progress: its tokens, or its final
+    Completion (done=True); an error or a server-side close raises SessionError."""
+    kind = resp.WhichOneof("kind")
+    if kind == "chunk":
+        return list(_tokens(resp.chunk, time.monotonic_ns())), False
+    if kind == "final":
+        return [_final(resp.final)], True
+    if kind == "error":
+        raise SessionError(resp.error.code, resp.error.message)
+    if kind == "closed":
+        session.closed_reason = resp.closed.reason
+        raise SessionError("CLOSED", f"session closed by the server ({resp.closed.reason})")
+    return [], False
+
+
 class SyncSession:
     """A persistent conversation over one bidirectional stream."""
 
@@ -244,17 +260,10 @@ class SyncSession:
         _input(t, prompt, messages, token_ids)
         self._out.put(pb.SessionRequest(turn=t))
         for resp in self._call:
-            kind = resp.WhichOneof("kind")
-            if kind == "chunk":
-                yield from _tokens(resp.chunk, time.monotonic_ns())
-            elif kind == "final":
-                yield _final(resp.final)
+            items, done = _session_items(self, resp)
+            yield from items
+            if done:
                 return
-            elif kind == "error":
-                raise SessionError(resp.error.code, resp.error.message)
-            elif kind == "closed":
-                self.closed_reason = resp.closed.reason
-                raise SessionError("CLOSED", f"session closed by the server ({resp.closed.reason})")
 
     def say(self, content: str, **kw) -> tuple[str, Completion]:
         """One chat turn (a user message); returns the reply text and its Completion."""
@@ -379,18 +388,11 @@ class AsyncSession:
             resp = await self._call.read()
             if resp is grpc.aio.EOF:
                 raise SessionError("CLOSED", "the session stream ended")
-            kind = resp.WhichOneof("kind")
-            if kind == "chunk":
-                for tok in _tokens(resp.chunk, time.monotonic_ns()):
-                    yield tok
-            elif kind == "final":
-                yield _final(resp.final)
+            items, done = _session_items(self, resp)
+            for item in items:
+                yield item
+            if done:
                 return
-            elif kind == "error":
-                raise SessionError(resp.error.code, resp.error.message)
-            elif kind == "closed":
-                self.closed_reason = resp.closed.reason
-                raise SessionError("CLOSED", f"session closed by the server ({resp.closed.reason})")
 
     async def say(self, content: str, **kw) -> tuple[str, Completion]:
         parts, done = [], None
