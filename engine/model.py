@@ -113,6 +113,7 @@ class Model:
         self.kv = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_blocks, block_size)
         self.buffers = self._buffers(self.max_chunk)
         self._logits = np.zeros((max_batch, cfg.vocab_size), dtype=np.float32)
+        self.picks = np.zeros(max_batch, dtype=np.int64)  # each row's argmax, last decode
         self._rows = np.arange(self.max_chunk, dtype=np.int32)
         self._zeros = np.zeros(self.max_chunk, dtype=np.int32)
         self.load_seconds = time.perf_counter() - t0
@@ -146,13 +147,15 @@ class Model:
                 self.dims, self.buffers, logits)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:
-        """One token for each of B sequences -> logits [B, vocab] (valid until the next call)."""
+        """One token for each of B sequences -> logits [B, vocab] (valid until the next call);
+        ``picks[:B]`` holds each row's argmax (the greedy choice: one numpy call for the batch)."""
         B = tokens.shape[0]
         if B > self.max_batch:
             raise ValueError(f"batch of {B} exceeds max_batch={self.max_batch}")
         logits = self._logits[:B]
         self._step(np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(positions, np.int32),
                    self._rows[:B], np.ascontiguousarray(block_tables, np.int32), self._rows[:B], logits)
+        np.argmax(logits, axis=1, out=self.picks[:B])
         return logits
 
     def prefill(self, tokens: np.ndarray, block_table: np.ndarray, start_pos: int = 0,

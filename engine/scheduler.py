@@ -13,9 +13,14 @@ One engine thread owns the model and runs :meth:`Scheduler.step` in a loop. Two 
    sequences in FIFO order while the batch has room and blocks are free. The budget is small while
    other sequences are decoding (their streams keep flowing) and large when nothing is decoding.
 
-Tokens leave through ``publish(items)``, called once after the decode and once after the prefill
-of every step with a list of ``(request, event)`` pairs; the server turns that into one hop into
-its event loop. The scheduler knows nothing of gRPC.
+Tokens leave through ``publish(items)`` with a list of ``(request, event)`` pairs, handed over
+right before the next model call; the server turns that into one hop into its event loop. The
+scheduler knows nothing of gRPC.
+
+Everything the engine thread does between two model calls delays every stream (and runs with
+caches the step just flushed), so it does only what the next step needs: the sampled ids and the
+finish decision. Events carry token ids; the consumer makes the text (``engine.sampling.StopChecker``
+on its side). Only a request with stop strings is detokenized here too, to know when to stop.
 
 Sessions keep their :class:`Sequence` (tokens + blocks) between turns; a new turn prefills only
 the tokens after the longest prefix it shares with what is already in the cache.
@@ -43,6 +48,9 @@ FINISH_DEADLINE = "deadline"
 FINISH_SHUTDOWN = "shutdown"
 FINISH_ERROR = "error"
 
+NO_DEADLINE = 1 << 62
+SESSION_EXPIRY_CHECK_S = 0.05
+
 
 class QueueFull(Exception):
     """The bounded waiting queue is full (maps to RESOURCE_EXHAUSTED)."""
@@ -68,7 +76,6 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class TokenEvent:
     token_id: int
-    text: str             # text delta (may be "" while a stop-string prefix is held back)
     index: int            # position in the completion
     step_ns: int          # engine compute since this sequence's previous token (decode + the prefill
                           # interleaved before it); for the first token, the request's prefill time
@@ -98,7 +105,6 @@ class FinishEvent:
     reason: str
     stats: SeqStats
     error: str | None = None
-    text: str = ""  # text released at the end (held-back stop-string prefix that did not match)
 
 
 @dataclass(slots=True)
@@ -175,7 +181,11 @@ class Sequence:
         self.prompt_len = 0
         self.n_generated = 0
         self.sampler = None
-        self.stopper = None
+        self.greedy = False                  # plain argmax: the model's own pick is the token
+        self.stop_ids: frozenset = frozenset()
+        self.max_tokens = 0
+        self.n_logprobs = 0
+        self.stopper = None                  # a StopChecker, only when the request has stop strings
         self.prefilling = True
         self.stats = SeqStats()
         self.scheduled = False
@@ -236,9 +246,16 @@ class Scheduler:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
+        # the decode batch and its input rows, rebuilt only when its membership or a block table
+        # changes (``_batch_dirty``); in steady state a step only writes each row's new token
+        self._batch: list[Sequence] = []
+        self._batch_dirty = True
         self._bt = np.zeros((self.cfg.max_batch, self.max_blocks), dtype=np.int32)
         self._tok = np.zeros(self.cfg.max_batch, dtype=np.int32)
         self._pos = np.zeros(self.cfg.max_batch, dtype=np.int32)
+        self._n_partial = 0                  # running sequences whose prefill is not complete
+        self._next_deadline_ns = NO_DEADLINE  # earliest deadline of a live request (or later)
+        self._next_expiry_check = 0.0
 
         # observable counters (read from other threads; plain ints)
         self.steps = 0
@@ -337,12 +354,14 @@ class Scheduler:
     def run(self) -> None:
         while not self._stop:
             try:
-                self._wake.clear()  # before draining the inbox: a later submit re-sets it
-                self._apply_commands()
+                if self._inbox:
+                    self._apply_commands()
                 self._expire_sessions()
                 if not self.running and not self.waiting:
                     self._flush()
-                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    if not self._inbox:  # a submit after the clear sets the event again
+                        self._wake.wait(0.05)
                     continue
                 self.step()
             except Exception as e:  # never leave streams hanging on an engine error
@@ -350,12 +369,8 @@ class Scheduler:
                 self._fail_all(f"engine error: {e}")
 
     def step(self) -> None:
-        now = time.monotonic_ns()
-        for seq in list(self.running) + list(self.waiting):
-            r = seq.req
-            if r is not None and r.deadline_ns is not None and now >= r.deadline_ns:
-                self._finish(seq, FINISH_DEADLINE, None)
-
+        if time.monotonic_ns() >= self._next_deadline_ns:
+            self._expire_deadlines()
         items: list = []
         batch = self._decode(items)
         if items:
@@ -374,6 +389,31 @@ class Scheduler:
 
     def _has_model_work(self) -> bool:
         return bool(self.running) or bool(self.waiting and len(self.running) < self.cfg.max_batch)
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic_ns()
+        nxt = NO_DEADLINE
+        for seq in list(self.running) + list(self.waiting):
+            r = seq.req
+            if r is None or r.deadline_ns is None:
+                continue
+            if now >= r.deadline_ns:
+                self._finish(seq, FINISH_DEADLINE, None)
+            else:
+                nxt = min(nxt, r.deadline_ns)
+        self._next_deadline_ns = nxt
+
+    def _enter_running(self, seq: Sequence) -> None:
+        self.running.append(seq)
+        if seq.prefilling:
+            self._n_partial += 1
+        self._batch_dirty = True
+
+    def _leave_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if seq.prefilling:
+            self._n_partial -= 1
+        self._batch_dirty = True
 
     # ---------------------------------------------------------------- commands
 
@@ -451,12 +491,22 @@ class Scheduler:
     def _begin_turn(self, seq: Sequence, req: Request, cached: int) -> None:
         from engine.sampling import Sampler, StopChecker
 
+        p = req.params
         seq.req = req
         req.seq = seq
         seq.prompt_len = seq.n_tokens
         seq.n_generated = 0
-        seq.sampler = Sampler(req.params, self.vocab_size)
-        seq.stopper = StopChecker(req.params, self.tokenizer, self.eos_id)
+        seq.sampler = Sampler(p, self.vocab_size)
+        seq.greedy = p.temperature == 0.0 and p.repetition_penalty == 1.0
+        ids = set(p.stop_token_ids)
+        if self.eos_id is not None and not p.ignore_eos:
+            ids.add(self.eos_id)
+        seq.stop_ids = frozenset(ids)
+        seq.max_tokens = p.max_tokens
+        seq.n_logprobs = int(getattr(p, "logprobs", 0) or 0)
+        seq.stopper = StopChecker(p, self.tokenizer, self.eos_id) if p.stop else None
+        if req.deadline_ns is not None:
+            self._next_deadline_ns = min(self._next_deadline_ns, req.deadline_ns)
         seq.prefilling = True
         seq.scheduled = False
         seq.stats = SeqStats(
@@ -496,6 +546,9 @@ class Scheduler:
         if not self.sessions:
             return
         now = time.monotonic()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + SESSION_EXPIRY_CHECK_S
         for s in list(self.sessions.values()):
             idle = s.active is None or s.active.done
             if idle and now - s.last_active > s.idle_timeout_s:
@@ -518,6 +571,7 @@ class Scheduler:
         start = len(seq.blocks)
         seq.blocks.extend(new)
         seq.table[start : start + len(new)] = new
+        self._batch_dirty = True  # its row of the block tables changed
         return True
 
     def _evict_idle_session(self) -> bool:
@@ -536,10 +590,10 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         log.info("KV pool full: preempting sequence %d (recompute later)", seq.seq_id)
         self._free(seq)
+        self._leave_running(seq)
         seq.prefilling = True
         seq.stats.preemptions += 1
         self.preemptions += 1
-        self.running.remove(seq)
         self.waiting.appendleft(seq)
 
     def _unstick(self) -> None:
@@ -561,6 +615,50 @@ class Scheduler:
     _prefill_ns_prev = 0
 
     def _decode(self, items: list) -> int:
+        batch = self._batch
+        if not self._batch_dirty:  # same sequences as last step: does any need a new block?
+            capacity = self.block_size
+            for seq in batch:
+                if seq.n_tokens > len(seq.blocks) * capacity:
+                    self._batch_dirty = True
+                    break
+        if self._batch_dirty:
+            batch = self._build_batch()
+        self._last_decode_ns = 0
+        if not batch:
+            return 0
+        B = len(batch)
+        self._flush()
+        t0 = time.monotonic_ns()
+        logits = self.model.decode(self._tok[:B], self._pos[:B], self._bt[:B])
+        now = time.monotonic_ns()
+        dt = now - t0
+        self._last_decode_ns = dt
+        # engine time since these sequences' previous tokens: this decode plus the prefill work
+        # interleaved after the previous decode
+        engine_ns = dt + self._prefill_ns_prev
+        self.decode_ns_total += dt
+        self.last_batch_size = B
+        if B > self.max_batch_seen:
+            self.max_batch_seen = B
+        picks = self.model.picks  # each row's argmax, found by the step itself
+        tok_in, pos_in = self._tok, self._pos
+        for i, seq in enumerate(batch):
+            seq.num_computed = seq.n_tokens
+            if seq.stats.max_batch_size < B:
+                seq.stats.max_batch_size = B
+            if seq.greedy:
+                tok = int(picks[i])
+            else:
+                tok = int(seq.sampler.sample(logits[i], seq.tokens[: seq.n_tokens]))
+            tok_in[i] = tok  # the next step's input, unless the batch changes
+            pos_in[i] += 1
+            self._emit(seq, tok, logits[i], engine_ns, B, now, items)
+        return B
+
+    def _build_batch(self) -> list[Sequence]:
+        """The running sequences ready to decode, oldest first, each with a block for its next
+        token (preempting the newest when the pool is dry); fills the step's input rows."""
         ready = [s for s in self.running if not s.prefilling]
         ready.sort(key=lambda s: s.stats.arrival_ns)
         batch: list[Sequence] = []
@@ -577,46 +675,24 @@ class Scheduler:
                     break
             else:
                 batch.append(seq)
-        self._last_decode_ns = 0
-        if not batch:
-            return 0
-        B = len(batch)
         for i, seq in enumerate(batch):
             self._tok[i] = seq.tokens[seq.n_tokens - 1]
             self._pos[i] = seq.n_tokens - 1
             self._bt[i] = seq.table
-        self._flush()
-        t0 = time.monotonic_ns()
-        logits = self.model.decode(self._tok[:B], self._pos[:B], self._bt[:B])
-        t1 = time.monotonic_ns()
-        dt = t1 - t0
-        self._last_decode_ns = dt
-        # engine time since these sequences' previous tokens: this decode plus the prefill work
-        # interleaved after the previous decode
-        engine_ns = dt + self._prefill_ns_prev
-        self.decode_ns_total += dt
-        self.last_batch_size = B
-        self.max_batch_seen = max(self.max_batch_seen, B)
-        # plain greedy rows (no repetition penalty) are decided by one argmax over the batch
-        plain = [s.sampler.params.temperature == 0.0 and s.sampler.params.repetition_penalty == 1.0
-                 for s in batch]
-        picks = logits.argmax(axis=1) if any(plain) else None
-        for i, seq in enumerate(batch):
-            seq.num_computed = seq.n_tokens
-            if seq.stats.max_batch_size < B:
-                seq.stats.max_batch_size = B
-            self._sample_and_emit(seq, logits[i], engine_ns, B, items,
-                                  int(picks[i]) if plain[i] else None)
-        return B
+        self._batch = batch
+        self._batch_dirty = False
+        return batch
 
     # ---------------------------------------------------------------- prefill
 
     def _prefill(self, items: list, decoding: bool) -> int:
+        self._prefill_ns_prev = 0
+        if not self._n_partial and not self.waiting:
+            return 0
         budget = self.cfg.prefill_chunk if decoding else self.cfg.prefill_budget_idle
         done = 0
-        self._prefill_ns_prev = 0
         # continue chunked prefills of running sequences first, then admit waiting ones
-        queue = [s for s in self.running if s.prefilling]
+        queue = [s for s in self.running if s.prefilling] if self._n_partial else []
         while budget > 0:
             if queue:
                 seq = queue.pop(0)
@@ -634,7 +710,7 @@ class Scheduler:
                     break
             if seq in self.waiting:
                 self.waiting.popleft()
-                self.running.append(seq)
+                self._enter_running(seq)
                 if not seq.scheduled:
                     seq.scheduled = True
                     self._unqueue()
@@ -644,7 +720,8 @@ class Scheduler:
             self._flush()
             t0 = time.monotonic_ns()
             logits = self.model.prefill(toks, seq.table, start)
-            dt = time.monotonic_ns() - t0
+            now = time.monotonic_ns()
+            dt = now - t0
             seq.num_computed = start + n
             seq.stats.prefill_tokens += n
             seq.stats.prefill_ns += dt
@@ -653,36 +730,47 @@ class Scheduler:
             done += n
             if seq.num_computed == seq.n_tokens:
                 seq.prefilling = False
+                self._n_partial -= 1
+                self._batch_dirty = True  # it decodes from the next step on
                 if seq.stats.max_batch_size < 1:
                     seq.stats.max_batch_size = 1
-                self._sample_and_emit(seq, logits, seq.stats.prefill_ns, 1, items)
+                if seq.greedy:
+                    tok = int(logits.argmax())
+                else:
+                    tok = int(seq.sampler.sample(logits, seq.tokens[: seq.n_tokens]))
+                self._emit(seq, tok, logits, seq.stats.prefill_ns, 1, now, items)
                 # queued now: it leaves before the next model call, not after this step's prefills
                 self.publish(items[:])
                 items.clear()
         return done
 
-    # ---------------------------------------------------------------- sampling / finishing
+    # ---------------------------------------------------------------- emitting / finishing
 
-    def _sample_and_emit(self, seq: Sequence, logits: np.ndarray, step_ns: int, batch: int,
-                         items: list, tok: int | None = None) -> None:
+    def _emit(self, seq: Sequence, tok: int, logits: np.ndarray, step_ns: int, batch: int,
+              now: int, items: list) -> None:
+        """Append a sampled token, queue its event, and finish the sequence if it is done."""
         req = seq.req
-        if tok is None:
-            tok = int(seq.sampler.sample(logits, seq.tokens[: seq.n_tokens]))
         lp = top = None
-        n_lp = int(getattr(req.params, "logprobs", 0) or 0)
-        if n_lp > 0:
+        if seq.n_logprobs:
             from engine.sampling import logprobs_topn
 
-            lp, top = logprobs_topn(logits, tok, n_lp)
-        seq.append(tok)
+            lp, top = logprobs_topn(logits, tok, seq.n_logprobs)
+        seq.tokens[seq.n_tokens] = tok
+        seq.n_tokens += 1
         seq.n_generated += 1
-        text, finished = seq.stopper.push(tok)
-        now = time.monotonic_ns()
         st = seq.stats
         if st.first_token_ns == 0:
             st.first_token_ns = now
         st.completion_tokens = seq.n_generated
-        items.append((req, TokenEvent(tok, text, seq.n_generated - 1, step_ns, batch, now, lp, top)))
+        items.append((req, TokenEvent(tok, seq.n_generated - 1, step_ns, batch, now, lp, top)))
+        if seq.stopper is not None:  # stop strings: the same checker the consumer runs for text
+            finished = seq.stopper.push(tok)[1]
+        elif tok in seq.stop_ids:
+            finished = FINISH_STOP
+        elif seq.n_generated >= seq.max_tokens:
+            finished = FINISH_LENGTH
+        else:
+            finished = None
         if finished is None and seq.n_tokens >= self.context_length:
             finished = FINISH_LENGTH
         if finished is not None:
@@ -695,11 +783,8 @@ class Scheduler:
         req.done = True
         st = seq.stats
         st.finish_ns = time.monotonic_ns()
-        tail = ""
-        if reason == FINISH_LENGTH and seq.stopper is not None and hasattr(seq.stopper, "flush"):
-            tail = seq.stopper.flush() or ""
         if seq in self.running:
-            self.running.remove(seq)
+            self._leave_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
             if not seq.scheduled:
@@ -715,7 +800,7 @@ class Scheduler:
             if seq.num_computed > seq.n_tokens:
                 seq.num_computed = seq.n_tokens
         seq.req = None
-        ev = FinishEvent(reason, st, error, tail)
+        ev = FinishEvent(reason, st, error)
         if items is None:
             self.publish([(req, ev)])
         else:
@@ -730,4 +815,5 @@ class Scheduler:
             self._free(seq)
         self.running.clear()
         self.waiting.clear()
-
+        self._n_partial = 0
+        self._batch_dirty = True

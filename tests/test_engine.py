@@ -98,6 +98,7 @@ def test_batched_decode_equals_single_steps(models, weight_type, n_seqs):
         last = np.array([s[-1] for s in seqs], np.int32)
         pos = np.array(lengths, np.int32)
         batched = model.decode(last, pos, tables).copy()
+        np.testing.assert_array_equal(model.picks[: len(seqs)], batched.argmax(axis=1))
         for i in range(len(seqs)):
             single = model.decode(last[i : i + 1], pos[i : i + 1], tables[i : i + 1])[0]
             np.testing.assert_allclose(batched[i], single, rtol=1e-5, atol=1e-5 * np.abs(single).max())

@@ -90,6 +90,13 @@ class ModelRuntime:
     def tokenizer(self):
         return self.model.tokenizer
 
+    def detokenizer(self, params):
+        """Text deltas for a stream's token ids (stop strings held back and cut, as the engine
+        decides them)."""
+        from engine.sampling import StopChecker
+
+        return StopChecker(params, self.model.tokenizer, self.model.tokenizer.eos_id)
+
     @property
     def kv_tokens(self) -> int:
         return self.model.kv.num_blocks * self.model.kv.block_size

@@ -163,14 +163,20 @@ def coalesce_of(n: int) -> int:
 
 @dataclass
 class StreamState:
-    """Coalescing, timing and emulation of one generation's stream (Generate call or turn)."""
+    """Text, coalescing, timing and emulation of one generation's stream (Generate call or turn).
+
+    The engine sends token ids; ``detok`` (a StopChecker over the request's parameters, the same
+    one the engine runs when there are stop strings) turns them into text deltas here, on the
+    event loop, while the engine computes the next step."""
 
     model_name: str
     arrival_ns: int
     coalesce: int
     metrics: Any
+    detok: Any                 # engine.sampling.StopChecker
     emu: Any = None            # emulation.StreamClock
     pending: list = field(default_factory=list)
+    pending_text: list = field(default_factory=list)
     n_sent: int = 0
     first_sent_ns: int = 0
     last_sent_ns: int = 0
@@ -179,11 +185,15 @@ class StreamState:
 
     def add(self, ev: sch.TokenEvent) -> pb.TokenChunk | None:
         self.pending.append(ev)
+        self.pending_text.append(self.detok.push(ev.token_id)[0])
         if len(self.pending) >= self.coalesce:
             return self._chunk()
         return None
 
-    def flush(self, extra_text: str = "") -> pb.TokenChunk | None:
+    def flush(self, ev: sch.FinishEvent) -> pb.TokenChunk | None:
+        """The last chunk: tokens still coalescing, and text held back when the sequence ended
+        for a reason other than a stop (context full)."""
+        extra_text = self.detok.flush() if ev.reason == sch.FINISH_LENGTH else ""
         if extra_text:
             if self.pending:
                 return self._chunk(extra_text)
@@ -192,10 +202,11 @@ class StreamState:
 
     def _chunk(self, extra_text: str = "") -> pb.TokenChunk:
         evs, self.pending = self.pending, []
+        texts, self.pending_text = self.pending_text, []
         last = evs[-1]
         c = pb.TokenChunk(
             token_ids=[e.token_id for e in evs],
-            text="".join(e.text for e in evs) + extra_text,
+            text="".join(texts) + extra_text,
             index=evs[0].index,
             engine_step_ns=last.step_ns,
             batch_size=last.batch_size,
@@ -417,7 +428,7 @@ class WaferServicer(pb_grpc.WaferServicer):
             await self._abort(context, Invalid(grpc.StatusCode.UNAVAILABLE, str(e)), name, md)
             return
 
-        state = StreamState(name, arrival, coalesce, self.server.metrics,
+        state = StreamState(name, arrival, coalesce, self.server.metrics, rt.detokenizer(params),
                             rt.emulator.stream(arrival, len(ids), 0) if rt.emulator else None)
         self.active_streams += 1
         try:
@@ -434,7 +445,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                 if code is not None:
                     await self._abort(context, Invalid(code, ev.error or f"request {ev.reason}"), name, md)
                     return
-                c = state.flush(ev.text)
+                c = state.flush(ev)
                 if c is not None:
                     await state.before_send(c)
                     yield pb.GenerateResponse(chunk=c)
@@ -539,6 +550,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                 turn_req, turn_id, turn_msgs = req, t.turn_id, new_msgs
                 # the cached count is known once the engine admits the turn (set at its first token)
                 state = StreamState(entry.name, arrival, coalesce, self.server.metrics,
+                                    rt.detokenizer(params),
                                     rt.emulator.stream(arrival, total, 0) if rt.emulator else None)
                 return None
 
@@ -619,7 +631,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                     yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(
                         code="INVALID_ARGUMENT", message=ev.error))
                     continue
-                c = state.flush(ev.text)
+                c = state.flush(ev)
                 if c is not None:
                     await state.before_send(c)
                     yield pb.SessionResponse(turn_id=turn_id, chunk=c)
