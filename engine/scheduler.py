@@ -76,7 +76,6 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class TokenEvent:
     token_id: int
-    index: int            # position in the completion
     step_ns: int          # engine compute since this sequence's previous token (decode + the prefill
                           # interleaved before it); for the first token, the request's prefill time
     batch_size: int       # sequences in that decode step (1 for a token from prefill)
@@ -98,6 +97,32 @@ class SeqStats:
     arrival_ns: int = 0
     first_token_ns: int = 0
     finish_ns: int = 0
+
+
+@dataclass(slots=True)
+class DecodeStep:
+    """The tokens of one decode step for its whole batch, published as one item ``(None, step)``
+    so the engine thread creates no per-sequence objects; :func:`iter_events` expands it into
+    each request's TokenEvent on the consumer's thread."""
+
+    reqs: list            # the batch's requests, in row order
+    tokens: list[int]     # the token each row sampled
+    step_ns: int
+    batch_size: int
+    t_ns: int
+    logprobs: dict | None  # row -> (logprob, top) for the rows that asked for them
+
+
+def iter_events(items):
+    """The ``(request, event)`` pairs of a published list, decode steps expanded."""
+    for req, ev in items:
+        if req is not None:
+            yield req, ev
+            continue
+        lps = ev.logprobs
+        for i, (r, tok) in enumerate(zip(ev.reqs, ev.tokens)):
+            lp, top = lps[i] if lps and i in lps else (None, None)
+            yield r, TokenEvent(tok, ev.step_ns, ev.batch_size, ev.t_ns, lp, top)
 
 
 @dataclass(slots=True)
@@ -179,11 +204,11 @@ class Sequence:
         self.req: Request | None = None
         # per-turn state
         self.prompt_len = 0
-        self.n_generated = 0
+        self.end = 0                         # n_tokens at which the turn ends by length
+        self.max_batch = 0                   # the largest decode batch it was part of
         self.sampler = None
         self.greedy = False                  # plain argmax: the model's own pick is the token
         self.stop_ids: frozenset = frozenset()
-        self.max_tokens = 0
         self.n_logprobs = 0
         self.stopper = None                  # a StopChecker, only when the request has stop strings
         self.prefilling = True
@@ -206,7 +231,7 @@ class Sequence:
 
 
 def _default_publish(items) -> None:
-    for req, ev in items:
+    for req, ev in iter_events(items):
         if req.on_event is not None:
             req.on_event(ev)
 
@@ -249,6 +274,7 @@ class Scheduler:
         # the decode batch and its input rows, rebuilt only when its membership or a block table
         # changes (``_batch_dirty``); in steady state a step only writes each row's new token
         self._batch: list[Sequence] = []
+        self._batch_reqs: list[Request] = []
         self._batch_dirty = True
         self._bt = np.zeros((self.cfg.max_batch, self.max_blocks), dtype=np.int32)
         self._tok = np.zeros(self.cfg.max_batch, dtype=np.int32)
@@ -495,14 +521,14 @@ class Scheduler:
         seq.req = req
         req.seq = seq
         seq.prompt_len = seq.n_tokens
-        seq.n_generated = 0
+        seq.end = min(seq.n_tokens + p.max_tokens, self.context_length)
+        seq.max_batch = 0
         seq.sampler = Sampler(p, self.vocab_size)
         seq.greedy = p.temperature == 0.0 and p.repetition_penalty == 1.0
         ids = set(p.stop_token_ids)
         if self.eos_id is not None and not p.ignore_eos:
             ids.add(self.eos_id)
         seq.stop_ids = frozenset(ids)
-        seq.max_tokens = p.max_tokens
         seq.n_logprobs = int(getattr(p, "logprobs", 0) or 0)
         seq.stopper = StopChecker(p, self.tokenizer, self.eos_id) if p.stop else None
         if req.deadline_ns is not None:
@@ -571,7 +597,6 @@ class Scheduler:
         start = len(seq.blocks)
         seq.blocks.extend(new)
         seq.table[start : start + len(new)] = new
-        self._batch_dirty = True  # its row of the block tables changed
         return True
 
     def _evict_idle_session(self) -> bool:
@@ -616,12 +641,14 @@ class Scheduler:
 
     def _decode(self, items: list) -> int:
         batch = self._batch
-        if not self._batch_dirty:  # same sequences as last step: does any need a new block?
+        if not self._batch_dirty:  # same sequences as last step: give a new block where needed
             capacity = self.block_size
-            for seq in batch:
+            for i, seq in enumerate(batch):
                 if seq.n_tokens > len(seq.blocks) * capacity:
-                    self._batch_dirty = True
-                    break
+                    if not self._ensure_blocks(seq, seq.n_tokens):
+                        self._batch_dirty = True  # pool dry: rebuild, preempting as needed
+                        break
+                    self._bt[i] = seq.table
         if self._batch_dirty:
             batch = self._build_batch()
         self._last_decode_ns = 0
@@ -641,19 +668,36 @@ class Scheduler:
         self.last_batch_size = B
         if B > self.max_batch_seen:
             self.max_batch_seen = B
-        picks = self.model.picks  # each row's argmax, found by the step itself
+        tokens = self.model.picks[:B].tolist()  # each row's argmax (the greedy choice)
+        lps = None
+        finished = []
         tok_in, pos_in = self._tok, self._pos
+        # the only per-sequence work on the engine thread: the token, and whether it ends the turn
         for i, seq in enumerate(batch):
-            seq.num_computed = seq.n_tokens
-            if seq.stats.max_batch_size < B:
-                seq.stats.max_batch_size = B
-            if seq.greedy:
-                tok = int(picks[i])
+            if not seq.greedy:
+                tokens[i] = int(seq.sampler.sample(logits[i], seq.tokens[: seq.n_tokens]))
+            tok = tokens[i]
+            if seq.n_logprobs:
+                lps = lps or {}
+                lps[i] = self._logprobs(logits[i], tok, seq.n_logprobs)
+            seq.num_computed = n = seq.n_tokens
+            seq.tokens[n] = tok
+            seq.n_tokens = n + 1
+            tok_in[i] = tok  # the next step's inputs, unless the batch changes
+            pos_in[i] = n
+            if seq.stopper is not None:  # stop strings: the checker the consumer runs for text
+                reason = seq.stopper.push(tok)[1]
+            elif tok in seq.stop_ids:
+                reason = FINISH_STOP
             else:
-                tok = int(seq.sampler.sample(logits[i], seq.tokens[: seq.n_tokens]))
-            tok_in[i] = tok  # the next step's input, unless the batch changes
-            pos_in[i] += 1
-            self._emit(seq, tok, logits[i], engine_ns, B, now, items)
+                reason = None
+            if reason is None and n + 1 >= seq.end:
+                reason = FINISH_LENGTH
+            if reason is not None:
+                finished.append((seq, reason))
+        items.append((None, DecodeStep(self._batch_reqs, tokens, engine_ns, B, now, lps)))
+        for seq, reason in finished:
+            self._finish(seq, reason, items)
         return B
 
     def _build_batch(self) -> list[Sequence]:
@@ -675,11 +719,14 @@ class Scheduler:
                     break
             else:
                 batch.append(seq)
+        B = len(batch)
         for i, seq in enumerate(batch):
             self._tok[i] = seq.tokens[seq.n_tokens - 1]
             self._pos[i] = seq.n_tokens - 1
             self._bt[i] = seq.table
+            seq.max_batch = max(seq.max_batch, B)
         self._batch = batch
+        self._batch_reqs = [seq.req for seq in batch]
         self._batch_dirty = False
         return batch
 
@@ -732,13 +779,12 @@ class Scheduler:
                 seq.prefilling = False
                 self._n_partial -= 1
                 self._batch_dirty = True  # it decodes from the next step on
-                if seq.stats.max_batch_size < 1:
-                    seq.stats.max_batch_size = 1
+                seq.max_batch = max(seq.max_batch, 1)
                 if seq.greedy:
                     tok = int(logits.argmax())
                 else:
                     tok = int(seq.sampler.sample(logits, seq.tokens[: seq.n_tokens]))
-                self._emit(seq, tok, logits, seq.stats.prefill_ns, 1, now, items)
+                self._emit_after_prefill(seq, tok, logits, now, items)
                 # queued now: it leaves before the next model call, not after this step's prefills
                 self.publish(items[:])
                 items.clear()
@@ -746,35 +792,33 @@ class Scheduler:
 
     # ---------------------------------------------------------------- emitting / finishing
 
-    def _emit(self, seq: Sequence, tok: int, logits: np.ndarray, step_ns: int, batch: int,
-              now: int, items: list) -> None:
-        """Append a sampled token, queue its event, and finish the sequence if it is done."""
-        req = seq.req
-        lp = top = None
-        if seq.n_logprobs:
-            from engine.sampling import logprobs_topn
+    @staticmethod
+    def _logprobs(logits: np.ndarray, tok: int, n: int):
+        from engine.sampling import logprobs_topn
 
-            lp, top = logprobs_topn(logits, tok, seq.n_logprobs)
+        return logprobs_topn(logits, tok, n)
+
+    def _emit_after_prefill(self, seq: Sequence, tok: int, logits: np.ndarray, now: int,
+                            items: list) -> None:
+        """The token a completed prefill sampled (a turn's first, or the next after a
+        preemption's recompute): append it, queue its event, finish the turn if it is done."""
+        lp, top = self._logprobs(logits, tok, seq.n_logprobs) if seq.n_logprobs else (None, None)
         seq.tokens[seq.n_tokens] = tok
         seq.n_tokens += 1
-        seq.n_generated += 1
         st = seq.stats
         if st.first_token_ns == 0:
             st.first_token_ns = now
-        st.completion_tokens = seq.n_generated
-        items.append((req, TokenEvent(tok, seq.n_generated - 1, step_ns, batch, now, lp, top)))
-        if seq.stopper is not None:  # stop strings: the same checker the consumer runs for text
-            finished = seq.stopper.push(tok)[1]
+        items.append((seq.req, TokenEvent(tok, st.prefill_ns, 1, now, lp, top)))
+        if seq.stopper is not None:
+            reason = seq.stopper.push(tok)[1]
         elif tok in seq.stop_ids:
-            finished = FINISH_STOP
-        elif seq.n_generated >= seq.max_tokens:
-            finished = FINISH_LENGTH
+            reason = FINISH_STOP
         else:
-            finished = None
-        if finished is None and seq.n_tokens >= self.context_length:
-            finished = FINISH_LENGTH
-        if finished is not None:
-            self._finish(seq, finished, items)
+            reason = None
+        if reason is None and seq.n_tokens >= seq.end:
+            reason = FINISH_LENGTH
+        if reason is not None:
+            self._finish(seq, reason, items)
 
     def _finish(self, seq: Sequence, reason: str, items: list, error: str | None = None) -> None:
         req = seq.req
@@ -783,6 +827,8 @@ class Scheduler:
         req.done = True
         st = seq.stats
         st.finish_ns = time.monotonic_ns()
+        st.completion_tokens = max(0, seq.n_tokens - seq.prompt_len)
+        st.max_batch_size = seq.max_batch
         if seq in self.running:
             self._leave_running(seq)
         elif seq in self.waiting:

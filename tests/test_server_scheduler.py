@@ -11,7 +11,7 @@ import pytest
 from engine.model import Model
 from engine.sampling import SamplingParams
 from engine.scheduler import (FINISH_CANCELLED, FINISH_DEADLINE, FinishEvent, QueueFull, Request,
-                              Scheduler, SchedulerConfig, TokenEvent)
+                              Scheduler, SchedulerConfig, TokenEvent, iter_events)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def make(path, kv_blocks=None, **cfg):
     else:
         model = Model.load(path, max_batch=16, kv_blocks=kv_blocks, block_size=16)
     events = []
-    sched = Scheduler(model, SchedulerConfig(max_batch=16, **cfg), publish=events.extend)
+    sched = Scheduler(model, SchedulerConfig(max_batch=16, **cfg),
+                      publish=lambda items: events.extend(iter_events(items)))
     return sched, events
 
 

@@ -125,7 +125,7 @@ class ModelRuntime:
                 max_batch=e.max_batch, max_waiting=e.max_waiting, prefill_chunk=e.prefill_chunk,
                 session_idle_timeout_s=self.options.session_idle_timeout_s)
             on_step = self.metrics.step_observer(e.name) if self.metrics else None
-            self.publisher = make_publisher()
+            self.publisher = make_publisher(after_hop=on_step.drain if on_step else None)
             self.scheduler = sch.Scheduler(model, cfg, publish=self.publisher, on_step=on_step)
             self.model = model
             if self.metrics:

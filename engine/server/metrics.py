@@ -6,7 +6,7 @@ the tests). Histogram buckets follow vLLM's for latencies in seconds.
 
 from __future__ import annotations
 
-from typing import Callable
+import collections
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -17,6 +17,26 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                 40.0, 50.0, 60.0, 120.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
+
+
+class StepRecorder:
+    """The engine thread only appends each step's numbers; ``drain`` (called by the publisher
+    thread after each hand-off) puts them in the histograms, off the engine's critical path."""
+
+    def __init__(self, batch_size, step_time):
+        self._batch_size = batch_size
+        self._step_time = step_time
+        self._pending: collections.deque = collections.deque(maxlen=65536)
+
+    def __call__(self, batch_size: int, decode_ns: int, prefill_tokens: int) -> None:
+        if batch_size:
+            self._pending.append((batch_size, decode_ns))
+
+    def drain(self) -> None:
+        while self._pending:
+            batch_size, decode_ns = self._pending.popleft()
+            self._batch_size.observe(batch_size)
+            self._step_time.observe(decode_ns / 1e9)
 
 
 class Metrics:
@@ -77,17 +97,9 @@ class Metrics:
         self.kv_usage.labels(model_name).set_function(scheduler.kv_usage)
         self.sessions.labels(model_name).set_function(lambda: len(scheduler.sessions))
 
-    def step_observer(self, model_name: str) -> Callable[[int, int, int], None]:
-        """A Scheduler ``on_step`` hook recording batch size and step time (engine thread)."""
-        batch = self.batch_size.labels(model_name)
-        step = self.step_time.labels(model_name)
-
-        def on_step(batch_size: int, decode_ns: int, prefill_tokens: int) -> None:
-            if batch_size:
-                batch.observe(batch_size)
-                step.observe(decode_ns / 1e9)
-
-        return on_step
+    def step_observer(self, model_name: str) -> "StepRecorder":
+        """A Scheduler ``on_step`` hook recording batch size and step time."""
+        return StepRecorder(self.batch_size.labels(model_name), self.step_time.labels(model_name))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP endpoint; return the bound port (``port=0`` picks one)."""

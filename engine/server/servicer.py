@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
@@ -178,6 +178,7 @@ class StreamState:
     pending: list = field(default_factory=list)
     pending_text: list = field(default_factory=list)
     n_sent: int = 0
+    n_chunked: int = 0         # tokens already put in chunks (the next chunk's index)
     first_sent_ns: int = 0
     last_sent_ns: int = 0
     text: list = field(default_factory=list)
@@ -197,17 +198,19 @@ class StreamState:
         if extra_text:
             if self.pending:
                 return self._chunk(extra_text)
-            return pb.TokenChunk(text=extra_text, index=self.n_sent)
+            return pb.TokenChunk(text=extra_text, index=self.n_chunked)
         return self._chunk() if self.pending else None
 
     def _chunk(self, extra_text: str = "") -> pb.TokenChunk:
         evs, self.pending = self.pending, []
         texts, self.pending_text = self.pending_text, []
+        index = self.n_chunked
+        self.n_chunked += len(evs)
         last = evs[-1]
         c = pb.TokenChunk(
             token_ids=[e.token_id for e in evs],
             text="".join(texts) + extra_text,
-            index=evs[0].index,
+            index=index,
             engine_step_ns=last.step_ns,
             batch_size=last.batch_size,
         )
@@ -301,9 +304,11 @@ class Publisher:
     syscall that releases the GIL, and the loop then holds it while it streams the step's tokens;
     done on the engine thread, that would delay the next decode by the loop's whole turn (measured
     ~0.7 ms per step with one stream). The engine only puts the batch on a SimpleQueue.
+    ``after_hop`` (e.g. recording the engine's step metrics) runs here too, after each hand-off.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, after_hop: Callable[[], None] | None = None) -> None:
+        self._after_hop = after_hop
         self._pending: queue.SimpleQueue = queue.SimpleQueue()  # put() is the cheapest wake-up
         self._thread = threading.Thread(target=self._run, name="wafer-publisher", daemon=True)
         self._thread.start()
@@ -331,7 +336,7 @@ class Publisher:
             for items in batches:
                 if items is None:
                     return
-                for req, ev in items:
+                for req, ev in sch.iter_events(items):
                     owner = req.owner
                     if owner is None:
                         continue
@@ -342,10 +347,12 @@ class Publisher:
                     loop.call_soon_threadsafe(self._deliver, batch)
                 except RuntimeError:  # loop closed: the stream is gone
                     pass
+            if self._after_hop is not None:
+                self._after_hop()
 
 
-def make_publisher() -> Publisher:
-    return Publisher()
+def make_publisher(after_hop: Callable[[], None] | None = None) -> Publisher:
+    return Publisher(after_hop)
 
 
 # ------------------------------------------------------------------------- servicer
