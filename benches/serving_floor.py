@@ -80,11 +80,11 @@ class FloorServicer(pb_grpc.WaferServicer):
         self.engine = engine
 
     async def Generate(self, request, context):
+        t0 = time.monotonic_ns()  # usage.ttft_ms runs from here, as in the real servicer
         q: asyncio.Queue = asyncio.Queue()
         key = id(q)
         n = request.sampling.max_tokens or 16
         self.engine.add(key, asyncio.get_running_loop(), q, n)
-        t0 = time.monotonic_ns()
         first = last = 0
         try:
             while True:

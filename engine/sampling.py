@@ -77,12 +77,21 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
-        self._work = np.empty(vocab_size, dtype=np.float32)
+        self.vocab_size = vocab_size
+        self._rng: np.random.Generator | None = None  # made on first use: greedy never needs one
+        self._work: np.ndarray | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.params.seed)
+        return self._rng
 
     def sample(self, logits: np.ndarray, history: np.ndarray | None = None) -> int:
         p = self.params
         work = self._work
+        if work is None:
+            work = self._work = np.empty(self.vocab_size, dtype=np.float32)
         np.copyto(work, logits[: work.size])
         if p.repetition_penalty != 1.0 and history is not None and len(history):
             seen = np.unique(history)

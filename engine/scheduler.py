@@ -12,6 +12,8 @@ One engine thread owns the model and runs :meth:`Scheduler.step` in a loop. Two 
 4. **prefill** within a token budget: first continue chunked prefills, then admit waiting
    sequences in FIFO order while the batch has room and blocks are free. The budget is small while
    other sequences are decoding (their streams keep flowing) and large when nothing is decoding.
+   Only the first prefill of a step is cut to the budget; a later one that does not fit waits for
+   the next step, so a short prompt never pays an extra decode step in the middle of its prefill.
 
 Tokens leave through ``publish(items)`` with a list of ``(request, event)`` pairs, handed over
 right before the next model call; the server turns that into one hop into its event loop. The
@@ -91,7 +93,7 @@ class SeqStats:
     cached_tokens: int = 0
     prefill_tokens: int = 0
     prefill_ns: int = 0       # engine time spent in this request's prefill calls
-    queue_ns: int = 0
+    queue_ns: int = 0         # from submit() to the start of its prefill (waiting for the engine)
     max_batch_size: int = 0
     preemptions: int = 0
     arrival_ns: int = 0
@@ -159,7 +161,8 @@ class Request:
     replace: bool = False
     owner: Any = None                        # opaque, for the publisher (e.g. an asyncio queue)
     on_event: Callable[[Any], None] | None = None  # used by the default publisher
-    arrival_ns: int = field(default_factory=time.monotonic_ns)
+    arrival_ns: int = field(default_factory=time.monotonic_ns)  # when the server got the call
+    submitted_ns: int = 0                    # set by submit()
     # filled by the scheduler
     seq: "Sequence | None" = None
     done: bool = False
@@ -317,6 +320,7 @@ class Scheduler:
                     f"limit max_waiting={self.cfg.max_waiting}"
                 )
             self._pending_new += 1
+            req.submitted_ns = time.monotonic_ns()
             self._inbox.append(("submit", req))
         self._wake.set()
 
@@ -748,6 +752,8 @@ class Scheduler:
             else:
                 break
             remaining = seq.n_tokens - seq.num_computed
+            if remaining > budget and done:
+                break  # split only the first prefill of a step: a short prompt is never cut in two
             n = min(remaining, budget)
             if not self._ensure_blocks(seq, seq.num_computed + n):
                 if seq in self.waiting and self._evict_idle_session():
@@ -761,7 +767,7 @@ class Scheduler:
                 if not seq.scheduled:
                     seq.scheduled = True
                     self._unqueue()
-                    seq.stats.queue_ns = time.monotonic_ns() - seq.stats.arrival_ns
+                    seq.stats.queue_ns = time.monotonic_ns() - seq.req.submitted_ns
             start = seq.num_computed
             toks = seq.tokens[start : start + n]
             self._flush()

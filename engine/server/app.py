@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
@@ -57,6 +58,18 @@ class ServerOptions:
     emulate: str = ""                 # override every model's emulation target
     pace: str = "realtime"
     threads: int | None = None        # Numba threads
+    engine_nice: int = 0              # niceness of the engine thread and the compute threads it starts
+
+
+def lower_priority(nice: int) -> None:
+    """Run this thread, and the Numba compute threads it starts (they inherit it), at a lower
+    priority than the threads that stream tokens. The decode keeps both cores busy; without this
+    a woken event loop can wait a scheduler time slice (measured: ITL spikes of 2-7 ms at p90 with
+    one stream) before it sends a token that is already computed."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as e:
+        log.warning("could not set the engine's niceness to %d: %s", nice, e)
 
 
 class ModelRuntime:
@@ -108,6 +121,8 @@ class ModelRuntime:
 
     def _main(self) -> None:
         """Engine thread: load + warm the model, then run the batching loop until stopped."""
+        if self.options.engine_nice:
+            lower_priority(self.options.engine_nice)
         try:
             from engine.fetch import resolve_model
             from engine.model import Model

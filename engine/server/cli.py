@@ -24,6 +24,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--pace", choices=("realtime", "none"), default=None,
                    help="with --emulate: release tokens at their simulated time (realtime) or only stamp them")
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
+    p.add_argument("--engine-nice", type=int, default=None,
+                   help="niceness of the compute threads, so token streaming preempts them (default 5; 0 = off)")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=serve_cmd)
@@ -66,6 +68,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         emulate=pick(args.emulate, "emulate", ""),
         pace=pick(args.pace, "pace", "realtime"),
         threads=pick(args.threads, "threads", None),
+        engine_nice=pick(args.engine_nice, "engine_nice", 5),
     )
     from engine.fetch import ModelNotFound, resolve_model
 
