@@ -454,3 +454,25 @@ def test_async_client_generate_and_session(server):
 
     sync_text, _ = WaferClient(server.address).complete("async hello", max_tokens=5, temperature=0)
     assert asyncio.run(main()) == sync_text
+
+
+def test_engine_priority_is_lowered_for_its_thread_only():
+    """`wafer serve` runs the engine thread (and the compute threads it starts) at a higher
+    niceness than the threads that stream tokens."""
+    import os
+    import threading
+
+    from engine.server.app import lower_priority
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def engine_thread():
+        lower_priority(base + 3)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen["nice"] == base + 3
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base

@@ -34,6 +34,20 @@ def test_real_answer_streams(client):
     assert len(ids) == 37 and ids[:3] == [1, 9690, 198] and ids[-4:] == [1, 520, 9531, 198]
 
 
+def test_real_stop_string_cuts_the_text(client):
+    """The engine stops on the stop string and the streamed text (made on the server's event loop)
+    ends right before it, never showing part of it."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    full, _ = client.complete(messages=msgs, max_tokens=24, temperature=0)
+    cut = full.index("Paris")
+    text, done = client.complete(messages=msgs, max_tokens=24, temperature=0, stop=["Paris"])
+    assert done.finish_reason == "stop"
+    assert text == full[:cut]
+    # a stop string that never occurs changes nothing
+    text, done = client.complete(messages=msgs, max_tokens=24, temperature=0, stop=["zebra crossing"])
+    assert text == full and done.finish_reason == "stop"
+
+
 def test_real_concurrent_streams_batch_without_changing_output(client):
     prompts = ["Name three colors.", "Count from one to five.", "Say hello in French.", "What is 2+2?"]
     solo = [t.id for t in client.generate(messages=[{"role": "user", "content": prompts[0]}],

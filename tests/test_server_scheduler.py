@@ -105,6 +105,26 @@ def test_chunked_prefill_keeps_running_streams_flowing(path):
     assert finals[0].stats.max_batch_size == 2
 
 
+def test_a_short_prompt_is_not_split_across_steps(path):
+    """While others decode the prefill budget is small; the second prompt of a step that does not
+    fit what is left of it waits for the next step instead of being cut in two."""
+    sched, events = make(path, kv_blocks=64, prefill_chunk=32)
+    calls = []
+    prefill = sched.model.prefill
+    sched.model.prefill = lambda toks, table, start: calls.append((len(toks), start)) or prefill(toks, table, start)
+    running = Request([5, 6, 7], greedy(40))
+    sched.submit(running)
+    sched._apply_commands()
+    sched.step()
+    a, b = Request(list(range(10, 30)), greedy(3)), Request(list(range(40, 60)), greedy(3))
+    sched.submit(a)
+    sched.submit(b)
+    run(sched)
+    assert calls[1:] == [(20, 0), (20, 0)]  # each 20-token prompt whole, in its own step
+    _, finals = outputs(events, [running, a, b])
+    assert [f.stats.prefill_tokens for f in finals] == [3, 20, 20]
+
+
 def test_cancel_frees_blocks_within_one_step(path):
     sched, events = make(path)
     r = Request([1, 2, 3], greedy(500))
