@@ -8,8 +8,10 @@ prefill time, and aggregate tokens/s at 1, 4, 16, 64 concurrent streams.
 Definitions (per stream, client-side receive times r_i, engine step time s_i carried in chunk i):
   overhead_i   = (r_i - r_{i-1}) - s_i                      for i >= 1
   TTFT overhead = (r_0 - request sent) - s_0                 (s_0 = the prefill that made token 0)
-  server TTFT overhead = usage.ttft_ms - usage.queue_ms - s_0 (arrival in the servicer to the first
-                 chunk handed to gRPC, without the transport and without waiting behind other prefills)
+  server TTFT overhead = usage.ttft_ms - s_0   (arrival in the servicer to the first chunk handed to
+                 gRPC, without the transport); usage.queue_ms, the part spent waiting for the engine
+                 (submit to prefill start: its wake-up, or other requests' prefills ahead), is also
+                 reported, and subtracted where other requests are ahead (16 streams)
 The engine's step time is the model call, greedy pick included (numpy argmax over the batch).
 The floor (benches/serving_floor.py) is a bare grpc.aio server with a stand-in engine thread
 ticking at the real engine's median step; the same formulas apply to it. Both servers run as
@@ -116,7 +118,7 @@ def overheads(results):
 
 def server_ttft(results):
     """Per stream: (server TTFT overhead us, queue us), from the final message's usage."""
-    out = [((u.ttft_ms - u.queue_ms) * 1e3 - st[0] / 1e3, u.queue_ms * 1e3)
+    out = [(u.ttft_ms * 1e3 - st[0] / 1e3, u.queue_ms * 1e3)
            for _, recv, st, _, u in results if len(recv) and u is not None]
     return np.array([o for o, _ in out]), np.array([q for _, q in out])
 
@@ -158,7 +160,7 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_server, streams):
         fsttft, _ = server_ttft(fres)
         info.update(
             server_ttft_overhead_us_p50=pct(sttft, 50), floor_server_ttft_us_p50=pct(fsttft, 50),
-            queue_us_p50=pct(queue, 50),
+            queue_us_p50=pct(queue, 50), server_ttft_minus_queue_us_p50=pct(sttft - queue, 50),
             streams=streams, engine_step_ms_p50=step_ms,
             overhead_us_p50=pct(itl, 50), overhead_us_p99=pct(itl, 99),
             floor_us_p50=pct(fitl, 50), floor_us_p99=pct(fitl, 99),
@@ -176,9 +178,10 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_server, streams):
         f"raw grpc.aio floor  p50 {info['floor_us_p50']:8.1f} us  p99 {info['floor_us_p99']:8.1f} us",
         f"ratio vs floor      p50 {info['ratio_p50']:8.2f}x    p99 {info['ratio_p99']:8.2f}x  (target <= 1.5x)",
         f"TTFT overhead p50 {info['ttft_overhead_us_p50']:.1f} us (floor {info['floor_ttft_us_p50']:.1f} us; "
-        f"target < 1000 us), of which queued behind other prefills p50 {info['queue_us_p50']:.1f} us",
+        f"target < 1000 us)",
         f"server-side TTFT overhead p50 {info['server_ttft_overhead_us_p50']:.1f} us "
-        f"(floor {info['floor_server_ttft_us_p50']:.1f} us)",
+        f"(floor {info['floor_server_ttft_us_p50']:.1f} us), of which waiting for the engine "
+        f"p50 {info['queue_us_p50']:.1f} us; without that wait p50 {info['server_ttft_minus_queue_us_p50']:.1f} us",
     ], f"serving overhead at {streams} stream(s)")
 
 
