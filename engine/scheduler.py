@@ -16,8 +16,9 @@ One engine thread owns the model and runs :meth:`Scheduler.step` in a loop. Two 
    the next step, so a short prompt never pays an extra decode step in the middle of its prefill.
 
 Tokens leave through ``publish(items)`` with a list of ``(request, event)`` pairs, handed over
-right before the next model call; the server turns that into one hop into its event loop. The
-scheduler knows nothing of gRPC.
+right before the next model call; a decode step is one ``(None, DecodeStep)`` item for its whole
+batch, which :func:`iter_events` expands on the consumer's side. The server turns each list into
+one hop into its event loop. The scheduler knows nothing of gRPC.
 
 Everything the engine thread does between two model calls delays every stream (and runs with
 caches the step just flushed), so it does only what the next step needs: the sampled ids and the
