@@ -110,3 +110,20 @@ def test_eos_and_max_tokens_finish(real_tokenizer):
     ids = tok.encode("one two three")
     assert stop.push(ids[0])[1] is None
     assert stop.push(ids[1])[1] == "length"
+
+
+def test_draw_lands_where_the_cumulative_mass_says():
+    """The chunked draw picks the same token as a full running sum, for draws across the range."""
+    from engine.sampling import DRAW_CHUNK, _draw
+
+    rng = np.random.default_rng(3)
+    for n in (1, 7, DRAW_CHUNK, DRAW_CHUNK + 1, 5 * DRAW_CHUNK + 17):
+        probs = rng.random(n).astype(np.float32) ** 4  # uneven masses, some tiny
+        cum = np.cumsum(probs, dtype=np.float64)
+        for u in np.concatenate([rng.random(300), [0.0, 1.0 - 1e-12]]):
+            target = u * cum[-1]
+            i = _draw(probs, float(u))
+            assert 0 <= i < n
+            lo = cum[i - 1] if i else 0.0
+            tol = 1e-9 * cum[-1]  # summation order may differ in the last bits
+            assert lo - tol <= target <= cum[i] + tol, (n, u, i)
