@@ -112,6 +112,64 @@ def test_eos_and_max_tokens_finish(real_tokenizer):
     assert stop.push(ids[1])[1] == "length"
 
 
+def _reference_probs(logits, history, temperature, top_k=0, top_p=1.0, min_p=0.0, rep=1.0):
+    """The target distribution in float64 numpy, processors in the documented order."""
+    w = logits.astype(np.float64).copy()
+    if rep != 1.0 and len(history):
+        seen = np.unique(history)
+        w[seen] = np.where(w[seen] > 0, w[seen] / rep, w[seen] * rep)
+    s = (w - w.max()) / temperature
+    keep = s >= -30.0
+    if 0 < top_k < keep.sum():
+        order = np.lexsort((np.arange(s.size), -s))  # best first, ties by lower id
+        keep[:] = False
+        keep[order[:top_k]] = True
+    p = np.where(keep, np.exp(s), 0.0)
+    if top_p < 1.0:
+        order = np.lexsort((np.arange(p.size), -p))
+        cum = np.cumsum(p[order]) / p.sum()
+        n = int(np.searchsorted(cum, top_p)) + 1
+        p[order[n:]] = 0.0
+    if min_p > 0.0:
+        p[p < min_p * p.max()] = 0.0
+    return p / p.sum()
+
+
+class _GridRng:
+    """Stands in for the sampler's generator: hands out given uniform draws in order."""
+
+    def __init__(self, draws):
+        self._draws = iter(draws)
+
+    def random(self):
+        return next(self._draws)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=0.8, top_k=40),
+    dict(temperature=1.3, top_k=200, top_p=0.8, min_p=0.05), dict(temperature=0.9, rep=1.3),
+    dict(temperature=2.0, min_p=0.2),
+])
+def test_sampler_draws_the_reference_distribution(kw):
+    """Draws at evenly spaced u cover the sampler's cumulative distribution: each token's share of
+    them must be its reference probability (float64 numpy) to within the grid's resolution."""
+    rng = np.random.default_rng(5)
+    V = 4000
+    logits = (rng.standard_normal(V) * 3).astype(np.float32)
+    history = rng.integers(0, V, 300).astype(np.int32)
+    kw = dict(kw)
+    T, rep = kw.pop("temperature"), kw.pop("rep", 1.0)
+    ref = _reference_probs(logits, history, T, rep=rep, **kw)
+    N = 10000
+    sampler = Sampler(SamplingParams(temperature=T, repetition_penalty=rep, **kw), V)
+    sampler._rng = _GridRng((np.arange(N) + 0.5) / N)
+    counts = np.zeros(V)
+    for _ in range(N):
+        counts[sampler.sample(logits, history)] += 1
+    assert np.abs(counts / N - ref).max() < 2.0 / N + 1e-4
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(ref))
+
+
 def test_draw_lands_where_the_cumulative_mass_says():
     """The chunked draw picks the same token as a full running sum, for draws across the range."""
     from engine.sampling import DRAW_CHUNK, _draw
