@@ -517,7 +517,7 @@ class Scheduler:
             seq.set_tokens(list(req.prompt))
             cached = 0
         self._begin_turn(seq, req, cached)
-        self.waiting.append(seq)
+        self._enqueue(seq)
 
     def _begin_turn(self, seq: Sequence, req: Request, cached: int) -> None:
         from engine.sampling import Sampler, StopChecker
@@ -624,19 +624,37 @@ class Scheduler:
         seq.prefilling = True
         seq.stats.preemptions += 1
         self.preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Waiting sequences stay in arrival order (a preempted one goes back to its place), so the
+        head of the queue is the oldest one waiting."""
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].stats.arrival_ns > seq.stats.arrival_ns:
+            i -= 1
+        self.waiting.insert(i, seq)
 
     def _unstick(self) -> None:
-        """Nothing could run this step: free blocks so the oldest sequence can make progress."""
+        """Nothing could run this step: the pool is held by sequences that cannot proceed. Free the
+        blocks of the newest holder other than the oldest sequence (an idle session's cache first),
+        so the oldest makes progress; if the oldest holds every used block, it alone cannot fit."""
         if self._evict_idle_session():
             return
-        if len(self.running) > 1:
-            self._preempt(max(self.running, key=lambda s: s.stats.arrival_ns))
+        live = list(self.running) + list(self.waiting)
+        oldest = min(live, key=lambda s: s.stats.arrival_ns)
+        holders = [s for s in live if s.blocks and s is not oldest]
+        if holders:
+            victim = max(holders, key=lambda s: s.stats.arrival_ns)
+            if victim in self.running:
+                self._preempt(victim)
+            else:  # a session turn waiting with its cached prefix: drop the cache
+                log.info("KV pool full: dropping the cached prefix of waiting sequence %d", victim.seq_id)
+                self._free(victim)
+                victim.stats.cached_tokens = 0
             return
-        seq = self.running[0] if self.running else self.waiting[0]
-        if self.allocator.num_used == len(seq.blocks):  # it alone cannot fit
-            self._finish(seq, FINISH_ERROR, None, error=(
-                f"sequence of {seq.n_tokens} tokens does not fit the KV pool of "
+        if self.allocator.num_used == len(oldest.blocks):
+            self._finish(oldest, FINISH_ERROR, None, error=(
+                f"sequence of {oldest.n_tokens} tokens does not fit the KV pool of "
                 f"{self.model.kv.num_blocks} blocks x {self.block_size} tokens"))
 
     # ---------------------------------------------------------------- decode

@@ -183,3 +183,91 @@ def test_idle_session_cache_is_evicted_when_the_pool_is_needed(path):
     _, (f2,) = outputs(events, [t2])
     assert f2.reason == "length" and f2.stats.cached_tokens == 0
     assert f2.stats.prompt_tokens == 79 + 10 + 3
+
+
+def test_randomized_mix_keeps_every_stream_correct_and_frees_everything(path):
+    """A seeded mix under a small pool: prompts of every length (chunked, split, short), greedy and
+    sampled, logprobs, stop ids, cancels at random steps, session turns, all arriving at random
+    steps. Every request gets one final and no token after it; token counts match the usage;
+    greedy requests that ran to their length equal the same request alone; nothing stays held."""
+    import random
+
+    rnd = random.Random(11)
+    sched, events = make(path, kv_blocks=12, prefill_chunk=24)
+    sessions = [sched.open_session(60) for _ in range(3)]
+    plan = []  # (arrival step, request, cancel this many steps after submitting, or None)
+    for i in range(40):
+        prompt = [rnd.randrange(1, 250) for _ in range(rnd.choice([1, 3, 17, 40, 90]))]
+        if rnd.random() < 0.5:
+            params = greedy(rnd.choice([1, 5, 30, 60]))
+        else:
+            params = SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=rnd.choice([3, 20]),
+                                    stop_token_ids=tuple(range(5, 60)), logprobs=rnd.choice([0, 2]))
+        sess = sessions[i % 3] if rnd.random() < 0.2 else None
+        cancel = rnd.randrange(0, 8) if sess is None and rnd.random() < 0.3 else None
+        plan.append((rnd.randrange(0, 80), Request(prompt, params, session=sess), cancel))
+    plan.sort(key=lambda x: x[0])
+    all_reqs = [r for _, r, _ in plan]
+    live_turn, cancels, step = {}, [], 0
+    for _ in range(20000):  # bounded
+        while plan and plan[0][0] <= step:
+            _, r, cancel = plan[0]
+            turn = live_turn.get(id(r.session))
+            if turn is not None and not turn.done:
+                break  # one turn at a time per session, as the server does
+            plan.pop(0)
+            sched.submit(r)
+            if r.session is not None:
+                live_turn[id(r.session)] = r
+            if cancel is not None:
+                cancels.append((step + cancel, r))
+        for due in [c for c in cancels if c[0] <= step]:
+            cancels.remove(due)
+            sched.cancel(due[1])
+        sched._apply_commands()
+        if not plan and not sched.running and not sched.waiting and not sched._inbox:
+            break
+        sched.step()
+        step += 1
+    else:
+        raise AssertionError("the mix did not finish")
+    for sess in sessions:
+        sched.close_session(sess)
+    sched._apply_commands()
+    assert sched.allocator.num_used == 0
+    assert sched._n_partial == 0 and not sched.running and not sched.waiting
+
+    tokens = {id(r): [] for r in all_reqs}
+    finals = {}
+    for req, ev in events:
+        if isinstance(ev, TokenEvent):
+            assert id(req) not in finals, "a token after the final"
+            tokens[id(req)].append(ev)
+            if req.params.logprobs:
+                assert ev.logprob is not None and len(ev.top) == req.params.logprobs
+        elif isinstance(ev, FinishEvent):
+            assert id(req) not in finals, "two finals"
+            finals[id(req)] = ev
+    assert set(finals) == set(tokens)
+    for r in all_reqs:
+        f = finals[id(r)]
+        assert f.stats.completion_tokens == len(tokens[id(r)])
+        if f.reason == "length":
+            assert len(tokens[id(r)]) == r.params.max_tokens
+        if f.reason == "stop":
+            assert tokens[id(r)][-1].token_id in (*r.params.stop_token_ids, sched.eos_id)
+    # the seeded mix covers every way out and preemption
+    assert {f.reason for f in finals.values()} >= {"length", "stop", FINISH_CANCELLED}
+    assert sched.preemptions > 0
+
+    solo, solo_events = make(path)
+    checked = 0
+    for r in all_reqs:
+        if r.session is None and r.params.temperature == 0 and finals[id(r)].reason == "length":
+            again = Request(list(r.prompt), r.params)
+            solo.submit(again)
+            run(solo)
+            (alone,), _ = outputs(solo_events, [again])
+            assert [e.token_id for e in tokens[id(r)]] == alone
+            checked += 1
+    assert checked >= 5
