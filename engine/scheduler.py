@@ -708,14 +708,7 @@ class Scheduler:
             seq.n_tokens = n + 1
             tok_in[i] = tok  # the next step's inputs, unless the batch changes
             pos_in[i] = n
-            if seq.stopper is not None:  # stop strings: the checker the consumer runs for text
-                reason = seq.stopper.push(tok)[1]
-            elif tok in seq.stop_ids:
-                reason = FINISH_STOP
-            else:
-                reason = None
-            if reason is None and n + 1 >= seq.end:
-                reason = FINISH_LENGTH
+            reason = self._end_reason(seq, tok)
             if reason is not None:
                 finished.append((seq, reason))
         items.append((None, DecodeStep(self._batch_reqs, tokens, engine_ns, B, now, lps)))
@@ -834,7 +827,14 @@ class Scheduler:
         if st.first_token_ns == 0:
             st.first_token_ns = now
         items.append((seq.req, TokenEvent(tok, st.prefill_ns, 1, now, lp, top)))
-        if seq.stopper is not None:
+        reason = self._end_reason(seq, tok)
+        if reason is not None:
+            self._finish(seq, reason, items)
+
+    @staticmethod
+    def _end_reason(seq: Sequence, tok: int) -> str | None:
+        """Whether the token just appended ends the turn (and why)."""
+        if seq.stopper is not None:  # stop strings: the same checker the consumer runs for text
             reason = seq.stopper.push(tok)[1]
         elif tok in seq.stop_ids:
             reason = FINISH_STOP
@@ -842,8 +842,7 @@ class Scheduler:
             reason = None
         if reason is None and seq.n_tokens >= seq.end:
             reason = FINISH_LENGTH
-        if reason is not None:
-            self._finish(seq, reason, items)
+        return reason
 
     def _finish(self, seq: Sequence, reason: str, items: list, error: str | None = None) -> None:
         req = seq.req
