@@ -387,3 +387,23 @@ def embed(w, half, tokens, n_tok, out):
     else:
         for t in prange(n_tok):
             dequant_row(w, half, 0, tokens[t], out[t])
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+@jit
+def softmax_candidates(x, floor, shift, cand, probs):
+    """The tokens worth sampling: ids j with x[j] >= floor in cand[:n], and their unnormalised
+    probabilities exp(x[j] - shift) in probs[:n]; returns n. `probs` has 16 spare entries (the
+    vector exp works sixteen lanes at a time)."""
+    n = 0
+    for j in range(x.size):  # branchless compaction: the store is undone by not advancing n
+        v = x[j]
+        cand[n] = j
+        probs[n] = v
+        n += v >= floor
+    for i0 in range(0, n, 16):
+        exp16(probs, i0, shift, n - i0)
+    return n

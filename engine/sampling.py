@@ -7,10 +7,12 @@ per request, so a seed makes a completion reproducible.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine import kernels as K
 from engine.tokenizer import IncrementalDecoder, Tokenizer
 
 # Logits more than this below the maximum (after temperature) have probability < e^-30
@@ -73,13 +75,12 @@ class SamplingParams:
 
 
 class Sampler:
-    """Draws tokens for one sequence; keeps its own random generator and work buffer."""
+    """Draws tokens for one sequence with its own random generator (work buffers are per thread)."""
 
     def __init__(self, params: SamplingParams, vocab_size: int):
         self.params = params
         self.vocab_size = vocab_size
         self._rng: np.random.Generator | None = None  # made on first use: greedy never needs one
-        self._work: np.ndarray | None = None
 
     @property
     def rng(self) -> np.random.Generator:
@@ -89,9 +90,7 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, history: np.ndarray | None = None) -> int:
         p = self.params
-        work = self._work
-        if work is None:
-            work = self._work = np.empty(self.vocab_size, dtype=np.float32)
+        work, cand, probs = _scratch(self.vocab_size)
         np.copyto(work, logits[: work.size])
         if p.repetition_penalty != 1.0 and history is not None and len(history):
             seen = np.unique(history)
@@ -101,18 +100,33 @@ class Sampler:
             return int(np.argmax(work))
         work /= p.temperature
         top = work.max()
-        cand = np.flatnonzero(work >= top - NEGLIGIBLE_LOGIT_GAP)
-        if 0 < p.top_k < cand.size:
-            cand = cand[np.argpartition(-work[cand], p.top_k - 1)[: p.top_k]]
-        # unnormalised, the best token has 1.0; float32 (SIMD exp, 3x faster than float64) holds
-        # every ratio down to e^-30 with 7 significant digits
-        probs = np.exp(work[cand] - top)
+        # candidates within the gap of the best, with unnormalised probabilities (the best has
+        # 1.0; float32 holds every ratio down to e^-30 with 7 significant digits)
+        n = K.softmax_candidates(work, np.float32(top - NEGLIGIBLE_LOGIT_GAP), np.float32(top), cand, probs)
+        cand, probs = cand[:n], probs[:n]
+        if 0 < p.top_k < n:
+            best = np.argpartition(-probs, p.top_k - 1)[: p.top_k]
+            cand, probs = cand[best], probs[best]
         if p.top_p < 1.0:
             cand, probs = _top_p(cand, probs, p.top_p)
         if p.min_p > 0.0:
             keep = probs >= p.min_p  # relative to the best token's probability (1.0 here)
             cand, probs = cand[keep], probs[keep]
         return int(cand[_draw(probs, self.rng.random())])
+
+
+_thread_scratch = threading.local()
+
+
+def _scratch(vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Work buffers for one sample() call: one set per thread (a thread samples one row at a
+    time), so sampling allocates nothing per token and nothing per sequence."""
+    s = getattr(_thread_scratch, "buffers", None)
+    if s is None or s[0].size != vocab_size:
+        s = (np.empty(vocab_size, np.float32), np.empty(vocab_size, np.int32),
+             np.empty(vocab_size + 16, np.float32))
+        _thread_scratch.buffers = s
+    return s
 
 
 DRAW_CHUNK = 1024
