@@ -218,6 +218,7 @@ class Sequence:
         self.prefilling = True
         self.stats = SeqStats()
         self.scheduled = False
+        self.row = -1                        # its row in the decode batch, -1 when not in it
 
     def token_list(self) -> list[int]:
         return self.tokens[: self.n_tokens].tolist()
@@ -275,8 +276,9 @@ class Scheduler:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
-        # the decode batch and its input rows, rebuilt only when its membership or a block table
-        # changes (``_batch_dirty``); in steady state a step only writes each row's new token
+        # the decode batch and its input rows: a sequence joins (appended) when its prefill
+        # completes and leaves (the last row moves into its place) when it stops running; a full
+        # rebuild (``_batch_dirty``) only when the pool runs dry. A step writes each row's token.
         self._batch: list[Sequence] = []
         self._batch_reqs: list[Request] = []
         self._batch_dirty = True
@@ -438,13 +440,42 @@ class Scheduler:
         self.running.append(seq)
         if seq.prefilling:
             self._n_partial += 1
-        self._batch_dirty = True
 
     def _leave_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
         if seq.prefilling:
             self._n_partial -= 1
-        self._batch_dirty = True
+        if seq.row >= 0:
+            self._batch_remove(seq)
+
+    def _batch_add(self, seq: Sequence) -> None:
+        """A sequence ready to decode takes the next row of the batch."""
+        i = len(self._batch)
+        seq.row = i
+        self._batch.append(seq)
+        self._batch_reqs.append(seq.req)
+        self._tok[i] = seq.tokens[seq.n_tokens - 1]
+        self._pos[i] = seq.n_tokens - 1
+        self._bt[i] = seq.table
+        B = i + 1
+        for other in self._batch:
+            if other.max_batch < B:
+                other.max_batch = B
+
+    def _batch_remove(self, seq: Sequence) -> None:
+        """The last row moves into the leaving sequence's place."""
+        i, last = seq.row, len(self._batch) - 1
+        if i != last:
+            moved = self._batch[last]
+            self._batch[i] = moved
+            self._batch_reqs[i] = self._batch_reqs[last]
+            self._tok[i] = self._tok[last]
+            self._pos[i] = self._pos[last]
+            self._bt[i] = self._bt[last]
+            moved.row = i
+        self._batch.pop()
+        self._batch_reqs.pop()
+        seq.row = -1
 
     # ---------------------------------------------------------------- commands
 
@@ -711,7 +742,7 @@ class Scheduler:
             reason = self._end_reason(seq, tok)
             if reason is not None:
                 finished.append((seq, reason))
-        items.append((None, DecodeStep(self._batch_reqs, tokens, engine_ns, B, now, lps)))
+        items.append((None, DecodeStep(self._batch_reqs[:], tokens, engine_ns, B, now, lps)))
         for seq, reason in finished:
             self._finish(seq, reason, items)
         return B
@@ -719,6 +750,9 @@ class Scheduler:
     def _build_batch(self) -> list[Sequence]:
         """The running sequences ready to decode, oldest first, each with a block for its next
         token (preempting the newest when the pool is dry); fills the step's input rows."""
+        for seq in self._batch:
+            seq.row = -1
+        self._batch, self._batch_reqs = [], []
         ready = [s for s in self.running if not s.prefilling]
         ready.sort(key=lambda s: s.stats.arrival_ns)
         batch: list[Sequence] = []
@@ -735,16 +769,10 @@ class Scheduler:
                     break
             else:
                 batch.append(seq)
-        B = len(batch)
-        for i, seq in enumerate(batch):
-            self._tok[i] = seq.tokens[seq.n_tokens - 1]
-            self._pos[i] = seq.n_tokens - 1
-            self._bt[i] = seq.table
-            seq.max_batch = max(seq.max_batch, B)
-        self._batch = batch
-        self._batch_reqs = [seq.req for seq in batch]
+        for seq in batch:
+            self._batch_add(seq)
         self._batch_dirty = False
-        return batch
+        return self._batch
 
     # ---------------------------------------------------------------- prefill
 
@@ -796,13 +824,14 @@ class Scheduler:
             if seq.num_computed == seq.n_tokens:
                 seq.prefilling = False
                 self._n_partial -= 1
-                self._batch_dirty = True  # it decodes from the next step on
                 seq.max_batch = max(seq.max_batch, 1)
                 if seq.greedy:
                     tok = int(logits.argmax())
                 else:
                     tok = int(seq.sampler.sample(logits, seq.tokens[: seq.n_tokens]))
                 self._emit_after_prefill(seq, tok, logits, now, items)
+                if seq.req is not None:  # still going: it decodes from the next step on
+                    self._batch_add(seq)
                 # queued now: it leaves before the next model call, not after this step's prefills
                 self.publish(items[:])
                 items.clear()
@@ -886,4 +915,7 @@ class Scheduler:
         self.running.clear()
         self.waiting.clear()
         self._n_partial = 0
+        for seq in self._batch:
+            seq.row = -1
+        self._batch, self._batch_reqs = [], []
         self._batch_dirty = True
