@@ -695,7 +695,7 @@ class Scheduler:
 
     def _decode(self, items: list) -> int:
         batch = self._batch
-        if not self._batch_dirty:  # same sequences as last step: give a new block where needed
+        if not self._batch_dirty:  # the batch as kept: give a new block where one is needed
             capacity = self.block_size
             for i, seq in enumerate(batch):
                 if seq.n_tokens > len(seq.blocks) * capacity:
@@ -850,8 +850,7 @@ class Scheduler:
         """The token a completed prefill sampled (a turn's first, or the next after a
         preemption's recompute): append it, queue its event, finish the turn if it is done."""
         lp, top = self._logprobs(logits, tok, seq.n_logprobs) if seq.n_logprobs else (None, None)
-        seq.tokens[seq.n_tokens] = tok
-        seq.n_tokens += 1
+        seq.append(tok)
         st = seq.stats
         if st.first_token_ns == 0:
             st.first_token_ns = now
