@@ -15,10 +15,11 @@ One engine thread owns the model and runs :meth:`Scheduler.step` in a loop. Two 
    Only the first prefill of a step is cut to the budget; a later one that does not fit waits for
    the next step, so a short prompt never pays an extra decode step in the middle of its prefill.
 
-Tokens leave through ``publish(items)`` with a list of ``(request, event)`` pairs, handed over
-right before the next model call; a decode step is one ``(None, DecodeStep)`` item for its whole
-batch, which :func:`iter_events` expands on the consumer's side. The server turns each list into
-one hop into its event loop. The scheduler knows nothing of gRPC.
+Tokens leave through ``publish(items, quiet)`` with a list of ``(request, event)`` pairs, handed
+over right before the next model call; a decode step is one ``(None, DecodeStep)`` item for its
+whole batch, which :func:`iter_events` expands on the consumer's side; ``quiet`` says that at most
+one sequence is decoding. The server turns each list into one hop into its event loop. The
+scheduler knows nothing of gRPC.
 
 Everything the engine thread does between two model calls delays every stream (and runs with
 caches the step just flushed), so it does only what the next step needs: the sampled ids and the
@@ -235,7 +236,7 @@ class Sequence:
 # ------------------------------------------------------------------------------------ scheduler
 
 
-def _default_publish(items) -> None:
+def _default_publish(items, quiet: bool = False) -> None:
     for req, ev in iter_events(items):
         if req.on_event is not None:
             req.on_event(ev)
@@ -248,7 +249,7 @@ class Scheduler:
         self,
         model,
         config: SchedulerConfig | None = None,
-        publish: Callable[[list], None] | None = None,
+        publish: Callable[[list, bool], None] | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
     ):
         self.model = model
@@ -308,7 +309,7 @@ class Scheduler:
         engine computes, instead of contending with the engine's own Python between steps."""
         if self._outbox:
             items, self._outbox = self._outbox, []
-            self._publish(items)
+            self._publish(items, len(self._batch) <= 1)
 
     # ---------------------------------------------------------------- thread-safe front
 

@@ -456,26 +456,72 @@ def test_async_client_generate_and_session(server):
     assert asyncio.run(main()) == sync_text
 
 
-def test_engine_priority_is_lowered_for_its_thread_only():
-    """`wafer serve` runs the engine thread (and the compute threads it starts) at a higher
-    niceness than the threads that stream tokens."""
+def test_engine_runs_below_the_threads_that_stream(model_path):
+    """With ``engine_nice`` the engine thread (and the compute threads it starts) runs at a higher
+    niceness; the publisher thread that hands tokens to the event loop, and the loop, do not."""
     import os
+
+    def nice(tid):
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    base = nice(0)
+    reg = Registry([ModelEntry(name="tiny", path=str(model_path))])
+    with ServerThread(reg, ServerOptions(port=0, metrics_port=None, engine_nice=base + 3)) as srv:
+        rt = srv.runtime()
+        assert nice(rt._thread.native_id) == base + 3
+        assert nice(rt.publisher._thread.native_id) == base
+        assert nice(srv._thread.native_id) == base
+        with WaferClient(srv.address, timeout=60) as c:
+            assert c.complete("hi", max_tokens=3, temperature=0)[1].usage["completion_tokens"] == 3
+    assert nice(0) == base
+
+
+def test_publisher_keeps_each_stream_in_order():
+    """Events reach a stream's queue in the order they were published, whether they went through
+    the notifier thread or (``quiet``) straight from the publishing thread; a quiet hand-over
+    waits its turn while an earlier batch is still in flight."""
+    import asyncio
     import threading
 
-    from engine.server.app import lower_priority
+    from engine import scheduler as sch
+    from engine.server.servicer import Publisher
 
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    seen = {}
+    loop = asyncio.new_event_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    req = sch.Request([1], None, owner=(loop, q))
+    gate, hops = threading.Event(), []
 
-    def engine_thread():
-        lower_priority(base + 3)
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def after_hop():  # holds the notifier thread after its first hand-off
+        hops.append(1)
+        if len(hops) == 1:
+            gate.wait(10)
 
-    t = threading.Thread(target=engine_thread)
-    t.start()
-    t.join()
-    assert seen["nice"] == base + 3
-    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    def step(tok):
+        return [(None, sch.DecodeStep([req], [tok], 0, 1, 0, None))]
+
+    def first(tok):
+        return [(req, sch.TokenEvent(tok, 0, 1, 0))]
+
+    async def received(n):
+        return [(await asyncio.wait_for(q.get(), 10))[1].token_id for _ in range(n)]
+
+    pub = Publisher(after_hop)
+    try:
+        pub(step(1))
+        assert wait_until(lambda: hops)
+        pub(step(2))              # queued behind the held notifier thread
+        pub(first(3), quiet=True)  # must not overtake 2
+        gate.set()
+        assert loop.run_until_complete(received(3)) == [1, 2, 3]
+        assert wait_until(lambda: len(hops) == 2)
+        pub(first(4), quiet=True)  # nothing in flight: handed over before the call returns
+        loop.run_until_complete(asyncio.sleep(0))
+        assert q.qsize() == 1
+        pub(step(5), quiet=True)  # a decode step always goes through the notifier thread
+        assert loop.run_until_complete(received(2)) == [4, 5]
+    finally:
+        pub.close()
+        loop.close()
 
 
 def test_mixed_load_every_call_ends_and_the_pool_empties(model_path):

@@ -33,7 +33,7 @@ def make(path, kv_blocks=None, **cfg):
         model = Model.load(path, max_batch=16, kv_blocks=kv_blocks, block_size=16)
     events = []
     sched = Scheduler(model, SchedulerConfig(max_batch=16, **cfg),
-                      publish=lambda items: events.extend(iter_events(items)))
+                      publish=lambda items, quiet: events.extend(iter_events(items)))
     return sched, events
 
 

@@ -86,6 +86,7 @@ class ModelRuntime:
         self.scheduler: sch.Scheduler | None = None
         self.emulator = None
         self.publisher = None
+        self._on_step = None
         self.error: BaseException | None = None
         self.loaded = threading.Event()
         self.load_seconds = 0.0
@@ -115,6 +116,10 @@ class ModelRuntime:
         return self.model.kv.num_blocks * self.model.kv.block_size
 
     def start(self) -> None:
+        # the publisher thread is started here, not on the engine thread: a thread inherits its
+        # creator's niceness, and the hand-off to the event loop must not wait behind the decode
+        self._on_step = self.metrics.step_observer(self.entry.name) if self.metrics else None
+        self.publisher = make_publisher(after_hop=self._on_step.drain if self._on_step else None)
         self._thread = threading.Thread(target=self._main, name=f"wafer-engine-{self.entry.name}",
                                         daemon=True)
         self._thread.start()
@@ -139,9 +144,7 @@ class ModelRuntime:
             cfg = sch.SchedulerConfig(
                 max_batch=e.max_batch, max_waiting=e.max_waiting, prefill_chunk=e.prefill_chunk,
                 session_idle_timeout_s=self.options.session_idle_timeout_s)
-            on_step = self.metrics.step_observer(e.name) if self.metrics else None
-            self.publisher = make_publisher(after_hop=on_step.drain if on_step else None)
-            self.scheduler = sch.Scheduler(model, cfg, publish=self.publisher, on_step=on_step)
+            self.scheduler = sch.Scheduler(model, cfg, publish=self.publisher, on_step=self._on_step)
             self.model = model
             if self.metrics:
                 self.metrics.bind_scheduler(e.name, self.scheduler)
