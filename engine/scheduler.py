@@ -43,6 +43,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engine.kv_cache import OutOfBlocks
+from engine.sampling import Sampler, StopChecker, logprobs_topn
+
 log = logging.getLogger(__name__)
 
 FINISH_STOP = "stop"
@@ -552,8 +555,6 @@ class Scheduler:
         self._enqueue(seq)
 
     def _begin_turn(self, seq: Sequence, req: Request, cached: int) -> None:
-        from engine.sampling import Sampler, StopChecker
-
         p = req.params
         seq.req = req
         req.seq = seq
@@ -622,8 +623,6 @@ class Scheduler:
 
     def _ensure_blocks(self, seq: Sequence, n_tokens: int) -> bool:
         """Make ``seq`` own enough blocks to hold ``n_tokens`` positions. False if the pool is dry."""
-        from engine.kv_cache import OutOfBlocks
-
         need = math.ceil(n_tokens / self.block_size) - len(seq.blocks)
         if need <= 0:
             return True
@@ -842,8 +841,6 @@ class Scheduler:
 
     @staticmethod
     def _logprobs(logits: np.ndarray, tok: int, n: int):
-        from engine.sampling import logprobs_topn
-
         return logprobs_topn(logits, tok, n)
 
     def _emit_after_prefill(self, seq: Sequence, tok: int, logits: np.ndarray, now: int,

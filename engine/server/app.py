@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine import scheduler as sch
+from engine.sampling import StopChecker
 from engine.server.metrics import Metrics
 from engine.server.registry import ModelEntry, Registry
 from engine.server.servicer import SERVICE_NAME, WaferServicer, make_publisher
@@ -107,8 +108,6 @@ class ModelRuntime:
     def detokenizer(self, params):
         """Text deltas for a stream's token ids (stop strings held back and cut, as the engine
         decides them)."""
-        from engine.sampling import StopChecker
-
         return StopChecker(params, self.model.tokenizer, self.model.tokenizer.eos_id)
 
     @property

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Callable
 import grpc
 
 from engine import scheduler as sch
+from engine.sampling import SamplingParams
 from engine.server import registry as reg
 from protos import wafer_pb2 as pb
 from protos import wafer_pb2_grpc as pb_grpc
@@ -88,8 +89,6 @@ def prompt_ids(tokenizer, vocab_size: int, which: str | None, msg) -> tuple[list
 def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: int,
                     prompt_len: int, kv_tokens: int | None = None):
     """Validate a proto SamplingParams into an engine SamplingParams (field-naming errors)."""
-    from engine.sampling import SamplingParams
-
     def finite(name, v):
         if not math.isfinite(v):
             raise _invalid(f"{name}={v} must be a finite number")
