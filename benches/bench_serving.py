@@ -16,6 +16,11 @@ The engine's step time is the model call, greedy pick included (numpy argmax ove
 The floor (benches/serving_floor.py) is a bare grpc.aio server with a stand-in engine thread
 ticking at the real engine's median step; the same formulas apply to it. Both servers run as
 separate processes; the client is the same raw grpc.aio stub.
+
+Also reported: the client-seen ITL itself (engine time included), and how long the server's
+streaming threads (event loop, publisher, gRPC's; normal priority) waited for a core per wake-up
+(Linux schedstat): the decode keeps every core busy while the floor's engine sleeps, which is
+where the p99 difference comes from on a machine with few cores.
 """
 
 from __future__ import annotations
@@ -65,11 +70,45 @@ def stop(proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def wafer_server():
+def wafer_proc():
     proc, address = start([sys.executable, "-m", "engine.cli", "serve", "--model", MODEL, "--port", "0",
                            "--metrics-port", "-1", "--grace", "1"])
-    yield address
+    proc.address = address
+    yield proc
     stop(proc)
+
+
+@pytest.fixture(scope="module")
+def wafer_server(wafer_proc):
+    return wafer_proc.address
+
+
+def thread_sched(pid: int) -> dict:
+    """Per thread of a process (Linux): (niceness, ns waiting for a core, wake-ups), from
+    /proc/<pid>/task/*/{stat,schedstat}; empty where that is not available."""
+    out = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                _, wait, n = map(int, Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
+            except (OSError, ValueError):
+                continue
+            out[tid] = (int(stat.rsplit(")", 1)[1].split()[16]), wait, n)
+    except OSError:
+        pass
+    return out
+
+
+def core_wait_us(before: dict, after: dict) -> float:
+    """Mean time a thread of normal priority (the streaming threads: event loop, publisher,
+    gRPC's) waited for a core per wake-up between two thread_sched() snapshots."""
+    wait = n = 0
+    for tid, (nice, w, k) in after.items():
+        if tid in before and nice == 0:
+            wait += w - before[tid][1]
+            n += k - before[tid][2]
+    return wait / n / 1e3 if n else float("nan")
 
 
 def floor_server(step_ms: float, prefill_ms: float):
@@ -133,8 +172,14 @@ def _report(rows, title):
         print("  " + r)
 
 
+def client_itl(results):
+    """What a client sees between two tokens (ms), engine time included."""
+    return np.concatenate([np.diff(recv) / 1e6 for _, recv, *_ in results if len(recv) > 1] or [[]])
+
+
 @pytest.mark.parametrize("streams", [1, 16])
-def test_per_token_overhead_vs_floor(benchmark, wafer_server, streams):
+def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
+    wafer_server = wafer_proc.address
     max_tokens = 48 if streams == 1 else 32
     info = {}
 
@@ -146,10 +191,12 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_server, streams):
         step_ms = float(np.median(steps)) / 1e3
         prefill_ms = float(np.median([r[2][0] for r in res])) / 1e6
         proc, floor_addr = floor_server(step_ms, prefill_ms)
-        res, fres = [], []
+        res, fres, waits = [], [], []
         try:
             for _ in range(ROUNDS):
+                before = thread_sched(wafer_proc.pid)
                 res += asyncio.run(run_streams(wafer_server, streams, max_tokens))[0]
+                waits.append(core_wait_us(before, thread_sched(wafer_proc.pid)))
                 fres += asyncio.run(run_streams(floor_addr, streams, max_tokens))[0]
         finally:
             stop(proc)
@@ -166,6 +213,9 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_server, streams):
             floor_us_p50=pct(fitl, 50), floor_us_p99=pct(fitl, 99),
             ttft_overhead_us_p50=pct(ttft, 50), floor_ttft_us_p50=pct(fttft, 50),
             max_batch=max(max(r[3]) for r in res if r[3]),
+            client_itl_ms_p50=pct(client_itl(res), 50), client_itl_ms_p99=pct(client_itl(res), 99),
+            floor_client_itl_ms_p50=pct(client_itl(fres), 50), floor_client_itl_ms_p99=pct(client_itl(fres), 99),
+            streaming_threads_core_wait_us=float(np.nanmean(waits)) if waits else float("nan"),
         )
         info["ratio_p50"] = info["overhead_us_p50"] / info["floor_us_p50"] if info["floor_us_p50"] else float("nan")
         info["ratio_p99"] = info["overhead_us_p99"] / info["floor_us_p99"] if info["floor_us_p99"] else float("nan")
@@ -177,6 +227,10 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_server, streams):
         f"per-token overhead  p50 {info['overhead_us_p50']:8.1f} us  p99 {info['overhead_us_p99']:8.1f} us",
         f"raw grpc.aio floor  p50 {info['floor_us_p50']:8.1f} us  p99 {info['floor_us_p99']:8.1f} us",
         f"ratio vs floor      p50 {info['ratio_p50']:8.2f}x    p99 {info['ratio_p99']:8.2f}x  (target <= 1.5x)",
+        f"client ITL          p50 {info['client_itl_ms_p50']:8.2f} ms  p99 {info['client_itl_ms_p99']:8.2f} ms "
+        f"(floor, whose engine sleeps: {info['floor_client_itl_ms_p50']:.2f} / {info['floor_client_itl_ms_p99']:.2f} ms)",
+        f"server's streaming threads waited {info['streaming_threads_core_wait_us']:.0f} us for a core per "
+        f"wake-up (mean; the decode keeps every core busy, the floor's engine sleeps)",
         f"TTFT overhead p50 {info['ttft_overhead_us_p50']:.1f} us (floor {info['floor_ttft_us_p50']:.1f} us; "
         f"target < 1000 us)",
         f"server-side TTFT overhead p50 {info['server_ttft_overhead_us_p50']:.1f} us "
