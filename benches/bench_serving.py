@@ -4,6 +4,8 @@ prefill time, and aggregate tokens/s at 1, 4, 16, 64 concurrent streams.
 
     .venv/bin/python -m pytest -q benches/bench_serving.py --benchmark-only -s
     WAFER_BENCH_MODEL=/path/to/model.gguf ...      # another model (default smollm2-135m)
+    WAFER_BENCH_REALTIME=1 ...    # `wafer serve --realtime-streaming`, and the client's threads
+                                  # under SCHED_RR too (needs CAP_SYS_NICE)
 
 Definitions (per stream, client-side receive times r_i, engine step time s_i carried in chunk i):
   overhead_i   = (r_i - r_{i-1}) - s_i                      for i >= 1
@@ -30,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,11 +40,13 @@ import grpc
 import numpy as np
 import pytest
 
+from engine.server.app import grpc_threads, realtime_threads
 from protos import wafer_pb2 as pb
 from protos import wafer_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("WAFER_BENCH_MODEL", "smollm2-135m")
+REALTIME = os.environ.get("WAFER_BENCH_REALTIME") == "1"
 ROUNDS = 3
 TOPICS = ["dragons", "the sea", "a robot", "mountains", "a city at night", "an old library",
           "the moon", "a river", "a lighthouse", "a forest", "a train journey", "winter"]
@@ -72,7 +77,8 @@ def stop(proc) -> None:
 @pytest.fixture(scope="module")
 def wafer_proc():
     proc, address = start([sys.executable, "-m", "engine.cli", "serve", "--model", MODEL, "--port", "0",
-                           "--metrics-port", "-1", "--grace", "1"])
+                           "--metrics-port", "-1", "--grace", "1"]
+                          + (["--realtime-streaming"] if REALTIME else []))
     proc.address = address
     yield proc
     stop(proc)
@@ -137,6 +143,8 @@ async def run_streams(address: str, n: int, max_tokens: int):
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.WaferStub(ch)
         await _one(stub, 0, 2)  # connection warm
+        if REALTIME:  # the client's loop and gRPC threads, as the server's
+            realtime_threads([threading.get_native_id()] + grpc_threads())
         t0 = time.perf_counter()
         results = await asyncio.gather(*[_one(stub, i, max_tokens) for i in range(n)])
         wall = time.perf_counter() - t0
@@ -236,7 +244,7 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
         f"server-side TTFT overhead p50 {info['server_ttft_overhead_us_p50']:.1f} us "
         f"(floor {info['floor_server_ttft_us_p50']:.1f} us), of which waiting for the engine "
         f"p50 {info['queue_us_p50']:.1f} us; without that wait p50 {info['server_ttft_minus_queue_us_p50']:.1f} us",
-    ], f"serving overhead at {streams} stream(s)")
+    ], f"serving overhead at {streams} stream(s)" + (" (realtime streaming threads)" if REALTIME else ""))
 
 
 def test_ttft_overhead(benchmark, wafer_server):

@@ -476,6 +476,45 @@ def test_engine_runs_below_the_threads_that_stream(model_path):
     assert nice(0) == base
 
 
+def _realtime_allowed() -> bool:
+    import os
+    import threading
+
+    ok = []
+
+    def probe():
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return bool(ok)
+
+
+def test_realtime_streaming_lifts_the_streaming_threads_only(model_path):
+    """``realtime_streaming``: the event loop and the publisher run under SCHED_RR where the
+    process may (else they keep normal priority and the server runs as usual); the engine thread
+    never does."""
+    import os
+
+    def policy(tid):
+        return os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK
+
+    expected = os.SCHED_RR if _realtime_allowed() else os.SCHED_OTHER
+    reg = Registry([ModelEntry(name="tiny", path=str(model_path))])
+    with ServerThread(reg, ServerOptions(port=0, metrics_port=None, realtime_streaming=True)) as srv:
+        rt = srv.runtime()
+        assert policy(srv._thread.native_id) == expected
+        assert policy(rt.publisher.native_id) == expected
+        assert policy(rt._thread.native_id) == os.SCHED_OTHER
+        with WaferClient(srv.address, timeout=60) as c:
+            assert c.complete("hi", max_tokens=3, temperature=0)[1].usage["completion_tokens"] == 3
+
+
 def test_publisher_keeps_each_stream_in_order():
     """Events reach a stream's queue in the order they were published, whether they went through
     the notifier thread or (``quiet``) straight from the publishing thread; a quiet hand-over

@@ -329,6 +329,10 @@ class Publisher:
             self._queued += 1
             self._pending.put(items)
 
+    @property
+    def native_id(self) -> int:
+        return self._thread.native_id
+
     def close(self) -> None:
         self._pending.put(None)
 
