@@ -32,7 +32,7 @@ def served(tiny_gguf, tmp_path_factory):
     with open(log, "w") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "serve", "--model", str(path), "--port", "0",
-             "--metrics-port", "0", "--grace", "0.3", "--ready-file", str(ready)],
+             "--metrics-port", "0", "--grace", "0.3", "--realtime-streaming", "--ready-file", str(ready)],
             cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while not ready.exists() or not ready.read_text().strip():
@@ -50,6 +50,8 @@ def test_logs_readiness(served):
     _, address, log = served
     text = log.read_text()
     assert "ready: serving" in text and address in text
+    # --realtime-streaming: either applied or refused with the reason
+    assert "run under SCHED_RR" in text or "cannot run the streaming threads under SCHED_RR" in text
 
 
 def test_generate_cli_remote_json(served):

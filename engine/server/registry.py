@@ -10,6 +10,8 @@ serves smollm2-135m. Example::
     metrics_port = 9400
     session_idle_timeout_s = 300
     grace_s = 10
+    engine_nice = 5                    # niceness of the compute threads
+    realtime_streaming = false         # streaming threads under SCHED_RR (needs CAP_SYS_NICE)
 
     [[models]]
     name = "smollm2-135m"
