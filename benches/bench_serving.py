@@ -253,7 +253,7 @@ def test_ttft_overhead(benchmark, wafer_server):
 
     def measure():
         samples, server = [], []
-        for _ in range(8):
+        for _ in range(16):
             res, _ = asyncio.run(run_streams(wafer_server, 1, 2))
             samples.extend(overheads(res)[1].tolist())
             server.extend(server_ttft(res)[0].tolist())
