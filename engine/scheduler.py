@@ -733,7 +733,7 @@ class Scheduler:
             tok = tokens[i]
             if seq.n_logprobs:
                 lps = lps or {}
-                lps[i] = self._logprobs(logits[i], tok, seq.n_logprobs)
+                lps[i] = logprobs_topn(logits[i], tok, seq.n_logprobs)
             seq.num_computed = n = seq.n_tokens
             seq.tokens[n] = tok
             seq.n_tokens = n + 1
@@ -839,15 +839,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- emitting / finishing
 
-    @staticmethod
-    def _logprobs(logits: np.ndarray, tok: int, n: int):
-        return logprobs_topn(logits, tok, n)
-
     def _emit_after_prefill(self, seq: Sequence, tok: int, logits: np.ndarray, now: int,
                             items: list) -> None:
         """The token a completed prefill sampled (a turn's first, or the next after a
         preemption's recompute): append it, queue its event, finish the turn if it is done."""
-        lp, top = self._logprobs(logits, tok, seq.n_logprobs) if seq.n_logprobs else (None, None)
+        lp, top = logprobs_topn(logits, tok, seq.n_logprobs) if seq.n_logprobs else (None, None)
         seq.append(tok)
         st = seq.stats
         if st.first_token_ns == 0:

@@ -26,7 +26,7 @@ from engine import scheduler as sch
 from engine.sampling import StopChecker
 from engine.server.metrics import Metrics
 from engine.server.registry import ModelEntry, Registry
-from engine.server.servicer import SERVICE_NAME, WaferServicer, make_publisher
+from engine.server.servicer import SERVICE_NAME, Publisher, WaferServicer
 from protos import wafer_pb2, wafer_pb2_grpc
 
 log = logging.getLogger("wafer.server")
@@ -153,7 +153,7 @@ class ModelRuntime:
         # the publisher thread is started here, not on the engine thread: a thread inherits its
         # creator's niceness, and the hand-off to the event loop must not wait behind the decode
         self._on_step = self.metrics.step_observer(self.entry.name) if self.metrics else None
-        self.publisher = make_publisher(after_hop=self._on_step.drain if self._on_step else None)
+        self.publisher = Publisher(after_hop=self._on_step.drain if self._on_step else None)
         self._thread = threading.Thread(target=self._main, name=f"wafer-engine-{self.entry.name}",
                                         daemon=True)
         self._thread.start()

@@ -373,10 +373,6 @@ class Publisher:
                 self._after_hop()
 
 
-def make_publisher(after_hop: Callable[[], None] | None = None) -> Publisher:
-    return Publisher(after_hop)
-
-
 # ------------------------------------------------------------------------- servicer
 
 
