@@ -200,6 +200,11 @@ class Session:
 class Sequence:
     """Tokens of one sequence, how many of them are in the KV cache, and its blocks."""
 
+    # slots: the per-row work between two decode calls runs with caches the model call has just
+    # flushed, and a slot read misses less than an instance-dict lookup
+    __slots__ = ("seq_id", "tokens", "n_tokens", "num_computed", "blocks", "table", "req",
+                 "prompt_len", "end", "max_batch", "sampler", "greedy", "stop_ids", "n_logprobs",
+                 "stopper", "prefilling", "stats", "scheduled", "row")
     _ids = itertools.count(1)
 
     def __init__(self, capacity: int, max_blocks: int):
@@ -630,9 +635,10 @@ class Scheduler:
             new = self.allocator.allocate(need)
         except OutOfBlocks:
             return False
-        start = len(seq.blocks)
+        table = seq.table
+        for k, b in enumerate(new, len(seq.blocks)):  # scalar stores: a decode grows one block
+            table[k] = b
         seq.blocks.extend(new)
-        seq.table[start : start + len(new)] = new
         return True
 
     def _evict_idle_session(self) -> bool:
@@ -698,11 +704,13 @@ class Scheduler:
         if not self._batch_dirty:  # the batch as kept: give a new block where one is needed
             capacity = self.block_size
             for i, seq in enumerate(batch):
-                if seq.n_tokens > len(seq.blocks) * capacity:
+                have = len(seq.blocks)
+                if seq.n_tokens > have * capacity:
                     if not self._ensure_blocks(seq, seq.n_tokens):
                         self._batch_dirty = True  # pool dry: rebuild, preempting as needed
                         break
-                    self._bt[i] = seq.table
+                    for k in range(have, len(seq.blocks)):  # the row's new entries only
+                        self._bt[i, k] = seq.blocks[k]
         if self._batch_dirty:
             batch = self._build_batch()
         self._last_decode_ns = 0

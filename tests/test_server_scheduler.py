@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from engine.kv_cache import BlockAllocator, OutOfBlocks
 from engine.model import Model
 from engine.sampling import SamplingParams
 from engine.scheduler import (FINISH_CANCELLED, FINISH_DEADLINE, FinishEvent, QueueFull, Request,
@@ -61,6 +62,38 @@ def outputs(events, reqs):
         elif isinstance(ev, FinishEvent):
             finals[id(req)] = ev
     return [out[id(r)] for r in reqs], [finals[id(r)] for r in reqs]
+
+
+def test_block_allocator_hands_out_distinct_blocks_and_refuses_a_double_free():
+    alloc = BlockAllocator(4)
+    a, b = alloc.allocate(1), alloc.allocate(2)
+    assert len(set(a + b)) == 3 and alloc.num_used == 3
+    with pytest.raises(OutOfBlocks, match="asked for 2 KV blocks, 1 of 4 free"):
+        alloc.allocate(2)
+    alloc.free(b)
+    with pytest.raises(ValueError, match=f"KV block {b[0]} freed twice"):
+        alloc.free(b[:1])
+    assert sorted(alloc.allocate(3)) == sorted(set(range(4)) - set(a))
+
+
+def test_decode_rows_get_each_new_block_in_their_table(path):
+    """Decode grows a sequence one block at a time and writes only the new entries into its
+    batch row; the row must match the sequence's own table every step, also after rows move."""
+    sched, events = make(path)
+    reqs = [Request(prompt=list(range(3, 3 + n)), params=greedy(40)) for n in (5, 14, 16, 30)]
+    for r in reqs:
+        sched.submit(r)
+    for _ in range(200):
+        sched._apply_commands()
+        if not sched.running and not sched.waiting:
+            break
+        sched.step()
+        for i, seq in enumerate(sched._batch):
+            assert seq.row == i
+            assert list(sched._bt[i, : len(seq.blocks)]) == seq.blocks == list(seq.table[: len(seq.blocks)])
+        if reqs[1].seq is not None and reqs[1].seq.n_tokens == 30:
+            sched.cancel(reqs[1])  # a row leaves: the last row moves into its place
+    assert sched.allocator.num_used == 0
 
 
 def test_preemption_under_a_small_pool_keeps_streams_correct(path):
