@@ -1,7 +1,8 @@
 """Engine throughput on the real model: decode (1 stream), prefill (512 tokens), batched decode
 (B=16), each with bytes of weights read per token and achieved GB/s next to the read bandwidth
-measured in the same run; cold/warm JIT start; and llama.cpp on the same file when installed,
-in alternating rounds with our engine."""
+measured in the same run; cold/warm JIT start; llama.cpp on the same file when installed, in
+alternating rounds with our engine; and encoding a re-sent chat conversation (cached pieces vs
+encoding the whole rendered prompt)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,39 @@ m.warmup()
 t2 = time.perf_counter()
 print(json.dumps({{"load_s": t1 - t0, "jit_s": t2 - t1}}))
 """
+
+
+def test_chat_prompt_encoding(benchmark, model):
+    """A 20-message conversation re-sent with one new question each time, as a chat client does
+    over Generate: encode_chat (pieces between special tokens cached) vs encoding the whole
+    rendered prompt, alternating, both on conversations the tokenizer has not seen in full."""
+    tok = model.tokenizer
+    history = []
+    for i in range(10):
+        history += [{"role": "user", "content": f"Question {i}: tell me about topic {i} in detail. " * 3},
+                    {"role": "assistant", "content": f"Answer {i}: a long answer on topic {i}, in full. " * 6}]
+    turns = iter(range(10**6))
+
+    def conversation():
+        return history + [{"role": "user", "content": f"And one more thing ({next(turns)})?"}]
+
+    whole, pieces = [], []
+    for _ in range(30):
+        m = conversation()
+        t0 = time.perf_counter()
+        expected = tok.encode(tok.apply_chat_template(m))
+        whole.append(time.perf_counter() - t0)
+        m = conversation()
+        t0 = time.perf_counter()
+        tok.encode_chat(m)
+        pieces.append(time.perf_counter() - t0)
+    assert tok.encode_chat(m) == tok.encode(tok.apply_chat_template(m))
+    benchmark.pedantic(lambda: tok.encode_chat(conversation()), rounds=30)
+    row = {"prompt_tokens": len(expected), "whole_ms": round(float(np.median(whole)) * 1e3, 3),
+           "cached_pieces_ms": round(float(np.median(pieces)) * 1e3, 3),
+           "speedup": round(float(np.median(whole) / np.median(pieces)), 1)}
+    REPORT["chat prompt encoding"] = row
+    benchmark.extra_info.update(row)
 
 
 def test_cold_and_warm_start(model_path, tmp_path):

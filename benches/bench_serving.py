@@ -28,6 +28,7 @@ where the p99 difference comes from on a machine with few cores.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -122,10 +123,14 @@ def floor_server(step_ms: float, prefill_ms: float):
                   "--step-ms", f"{step_ms:.3f}", "--prefill-ms", f"{prefill_ms:.3f}"])
 
 
+_NONCE = itertools.count()  # every prompt differs: the server caches encoded chat pieces
+
+
 async def _one(stub, i: int, max_tokens: int):
     req = pb.GenerateRequest(
         messages=pb.Messages(messages=[pb.ChatMessage(
-            role="user", content=f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}.")]),
+            role="user", content=f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]} "
+                                 f"(story {next(_NONCE)}).")]),
         sampling=pb.SamplingParams(temperature=0, max_tokens=max_tokens))
     t0 = time.monotonic_ns()
     recv, steps, batch, usage = [], [], [], None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 from datetime import datetime
 from functools import lru_cache
 
@@ -30,6 +31,8 @@ TOKEN_CONTROL = 3
 TOKEN_USER_DEFINED = 4
 TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
+
+PIECE_CACHE_SIZE = 1024  # chat pieces (a message with its role header) kept encoded
 
 # Used when the GGUF carries no chat template: ChatML with SmolLM's default system prompt.
 DEFAULT_CHAT_TEMPLATE = (
@@ -115,6 +118,13 @@ class Tokenizer:
         if user:
             hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         self._hf = hf
+        # Chat prompts are encoded piece by piece between these tokens, each piece through a
+        # cache: the tokenizer encodes those spans independently anyway, and a client re-sends
+        # the whole conversation every turn, so only its new messages cost anything.
+        added = sorted(set(special + user), key=len, reverse=True)  # longest match first
+        self._added_ids = {t: hf.token_to_id(t) for t in added}
+        self._added_re = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
+        self._encode_piece = lru_cache(maxsize=PIECE_CACHE_SIZE)(self._encode_uncached)
 
     @classmethod
     def from_gguf(cls, path_or_reader) -> "Tokenizer":
@@ -151,6 +161,9 @@ class Tokenizer:
         """Token ids of ``text``; no BOS is added, special-token text becomes its single id."""
         return self._hf.encode(text, add_special_tokens=False).ids
 
+    def _encode_uncached(self, piece: str) -> tuple[int, ...]:
+        return tuple(self._hf.encode(piece, add_special_tokens=False).ids)
+
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
@@ -177,7 +190,18 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        """``encode(apply_chat_template(messages))``, with the text between special tokens
+        (a message with its role header, the system prompt) encoded once and then cached."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        if self._added_re is None:
+            return self.encode(text)
+        ids: list[int] = []
+        for i, piece in enumerate(self._added_re.split(text)):  # odd items: the added tokens
+            if i % 2:
+                ids.append(self._added_ids[piece])
+            elif piece:
+                ids.extend(self._encode_piece(piece))
+        return ids
 
 
 class IncrementalDecoder:

@@ -118,6 +118,33 @@ def test_chat_template_multi_turn_with_system(real_tokenizer):
     assert without.endswith("2+2?<|im_end|>\n")
 
 
+SPECIALS_IN_TEXT = st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start", " <|im_end|>\n"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(contents=st.lists(st.lists(st.one_of(st.text(ENCODABLE, max_size=30), SPECIALS_IN_TEXT), max_size=4)
+                         .map("".join), min_size=1, max_size=4))
+def test_chat_encoding_piece_by_piece_equals_encoding_the_rendered_text(real_tokenizer, contents):
+    """encode_chat encodes the spans between special tokens separately (and caches them); the ids
+    must be those of encoding the whole rendered prompt, special-token text in content included."""
+    roles = ["system", "user", "assistant", "user"]
+    messages = [{"role": roles[i], "content": c} for i, c in enumerate(contents)]
+    expected = real_tokenizer.encode(real_tokenizer.apply_chat_template(messages))
+    assert real_tokenizer.encode_chat(messages) == expected
+    assert real_tokenizer.encode_chat(messages) == expected  # from the cache
+
+
+def test_a_resent_conversation_encodes_only_its_new_messages(tiny_gguf):
+    tok = Tokenizer.from_gguf(tiny_gguf("Q4_1"))
+    chat = [{"role": "user", "content": "the capital of france"}]
+    tok.encode_chat(chat)
+    misses = tok._encode_piece.cache_info().misses
+    chat += [{"role": "assistant", "content": "paris"}, {"role": "user", "content": "and of spain"}]
+    ids = tok.encode_chat(chat)
+    assert tok._encode_piece.cache_info().misses == misses + 2  # the two new messages
+    assert ids == tok.encode(tok.apply_chat_template(chat))
+
+
 def _stream(tokenizer, ids, **kwargs):
     decoder = IncrementalDecoder(tokenizer, **kwargs)
     deltas = [decoder.push(i) for i in ids]
