@@ -72,7 +72,8 @@ class SchedulerConfig:
     max_batch: int = 64               # sequences per decode step (<= the model's max_batch)
     max_waiting: int = 256            # bounded admission queue; beyond it QueueFull
     prefill_chunk: int = 64           # prefill tokens per step while others decode
-    prefill_budget_idle: int = 2048   # prefill tokens per step when nothing decodes
+    prefill_budget_idle: int = 2048   # prefill tokens per step while nothing decodes (a burst of
+                                      # prompts: until the first of them has its first token)
     session_idle_timeout_s: float = 300.0
     max_sessions: int = 256
 
@@ -840,6 +841,9 @@ class Scheduler:
                 self._emit_after_prefill(seq, tok, logits, now, items)
                 if seq.req is not None:  # still going: it decodes from the next step on
                     self._batch_add(seq)
+                    if not decoding:  # the rest of this step's prefill now delays its second
+                        decoding = True  # token: a step with a decode gets the smaller budget
+                        budget = min(budget, self.cfg.prefill_chunk)
                 # queued now: it leaves before the next model call, not after this step's prefills
                 self.publish(items[:])
                 items.clear()

@@ -158,6 +158,30 @@ def test_a_short_prompt_is_not_split_across_steps(path):
     assert [f.stats.prefill_tokens for f in finals] == [3, 20, 20]
 
 
+def test_a_burst_on_an_idle_engine_does_not_hold_the_first_stream(path):
+    """Prompts arriving together at an idle engine: once the first has its first token, the step
+    prefills at most ``prefill_chunk`` more tokens before that stream's second token (not every
+    prompt of the burst), and every stream is still correct."""
+    sched, events = make(path, prefill_chunk=32)
+    prefill = sched.model.prefill
+    sched.model.prefill = lambda toks, table, start: events.append(("prefill", len(toks))) or prefill(toks, table, start)
+    reqs = [Request(list(range(10 + i, 30 + i)), greedy(6)) for i in range(6)]  # 6 x 20 tokens
+    for r in reqs:
+        sched.submit(r)
+    run(sched)
+    first = [k for k, (req, ev) in enumerate(events) if req is reqs[0] and isinstance(ev, TokenEvent)]
+    between = sum(n for kind, n in events[first[0]:first[1]] if kind == "prefill")
+    assert between <= 32
+    got, finals = outputs([e for e in events if e[0] != "prefill"], reqs)
+    for r, out in zip(reqs, got):
+        alone, ev = make(path)
+        ref = Request(list(r.prompt), greedy(6))
+        alone.submit(ref)
+        run(alone)
+        assert out == outputs(ev, [ref])[0][0]
+    assert all(f.stats.prefill_tokens == 20 for f in finals)
+
+
 def test_cancel_frees_blocks_within_one_step(path):
     sched, events = make(path)
     r = Request([1, 2, 3], greedy(500))
