@@ -6,6 +6,7 @@ prefill time, and aggregate tokens/s at 1, 4, 16, 64 concurrent streams.
     WAFER_BENCH_MODEL=/path/to/model.gguf ...      # another model (default smollm2-135m)
     WAFER_BENCH_REALTIME=1 ...    # `wafer serve --realtime-streaming`, and the client's threads
                                   # under SCHED_RR too (needs CAP_SYS_NICE)
+    WAFER_BENCH_OUT=dir ...       # where the overhead plots go (default bench-out/)
 
 Definitions (per stream, client-side receive times r_i, engine step time s_i carried in chunk i):
   overhead_i   = (r_i - r_{i-1}) - s_i                      for i >= 1
@@ -19,7 +20,8 @@ The floor (benches/serving_floor.py) is a bare grpc.aio server with a stand-in e
 ticking at the real engine's median step; the same formulas apply to it. Both servers run as
 separate processes; the client is the same raw grpc.aio stub.
 
-Also reported: the client-seen ITL itself (engine time included), and how long the server's
+Each overhead test also draws the distribution of the per-token overhead of both servers
+(bench-out/serving_overhead_<streams>.png). Also reported: the client-seen ITL itself (engine time included), and how long the server's
 streaming threads (event loop, publisher, gRPC's; normal priority) waited for a core per wake-up
 (Linux schedstat): the decode keeps every core busy while the floor's engine sleeps, which is
 where the p99 difference comes from on a machine with few cores.
@@ -47,6 +49,7 @@ from protos import wafer_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("WAFER_BENCH_MODEL", "smollm2-135m")
+OUT = Path(os.environ.get("WAFER_BENCH_OUT", ROOT / "bench-out"))
 REALTIME = os.environ.get("WAFER_BENCH_REALTIME") == "1"
 ROUNDS = 3
 TOPICS = ["dragons", "the sea", "a robot", "mountains", "a city at night", "an old library",
@@ -185,6 +188,37 @@ def _report(rows, title):
         print("  " + r)
 
 
+def plot_overhead(streams: int, ours, floor, info) -> Path:
+    """Per-token overhead of both servers as distributions, p50 and p99 marked. The x axis is
+    linear within +-100 us and logarithmic beyond: a token whose predecessor came late shows a
+    gap shorter than the step (negative overhead), and the tail spans milliseconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, a, colour in (("wafer serve", ours, "#e34a33"), ("bare grpc.aio floor", floor, "#2b8cbe")):
+        a = np.sort(a)
+        ax.step(a, np.arange(1, len(a) + 1) / len(a), where="post", color=colour,
+                label=f"{name}: p50 {pct(a, 50):.0f} us, p99 {pct(a, 99):.0f} us")
+        for q in (50, 99):
+            ax.axvline(pct(a, q), color=colour, lw=0.8, ls=":")
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlabel("per-token overhead: client-seen gap minus engine step (us)")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title(f"{streams} stream(s): ratio p50 {info['ratio_p50']:.2f}x, p99 {info['ratio_p99']:.2f}x"
+                 + (" (realtime streaming)" if REALTIME else ""))
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"serving_overhead_{streams}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def client_itl(results):
     """What a client sees between two tokens (ms), engine time included."""
     return np.concatenate([np.diff(recv) / 1e6 for _, recv, *_ in results if len(recv) > 1] or [[]])
@@ -232,6 +266,7 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
         )
         info["ratio_p50"] = info["overhead_us_p50"] / info["floor_us_p50"] if info["floor_us_p50"] else float("nan")
         info["ratio_p99"] = info["overhead_us_p99"] / info["floor_us_p99"] if info["floor_us_p99"] else float("nan")
+        info["plot"] = str(plot_overhead(streams, itl, fitl, info))
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     benchmark.extra_info.update(info)
@@ -249,6 +284,7 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
         f"server-side TTFT overhead p50 {info['server_ttft_overhead_us_p50']:.1f} us "
         f"(floor {info['floor_server_ttft_us_p50']:.1f} us), of which waiting for the engine "
         f"p50 {info['queue_us_p50']:.1f} us; without that wait p50 {info['server_ttft_minus_queue_us_p50']:.1f} us",
+        f"distribution: {info['plot']}",
     ], f"serving overhead at {streams} stream(s)" + (" (realtime streaming threads)" if REALTIME else ""))
 
 

@@ -115,10 +115,13 @@ class DecodeStep:
 
     reqs: list            # the batch's requests, in row order
     tokens: list[int]     # the token each row sampled
-    step_ns: int
+    step_ns: int          # the decode plus the prefill work since the previous decode
     batch_size: int
     t_ns: int
     logprobs: dict | None  # row -> (logprob, top) for the rows that asked for them
+    # requests whose previous token came from a prefill after the previous decode -> the prefill
+    # work up to and including it (not part of their time since that token); None if none
+    joined: dict | None = None
 
 
 def iter_events(items):
@@ -128,9 +131,11 @@ def iter_events(items):
             yield req, ev
             continue
         lps = ev.logprobs
+        joined = ev.joined
         for i, (r, tok) in enumerate(zip(ev.reqs, ev.tokens)):
             lp, top = lps[i] if lps and i in lps else (None, None)
-            yield r, TokenEvent(tok, ev.step_ns, ev.batch_size, ev.t_ns, lp, top)
+            step_ns = ev.step_ns - joined[r] if joined and r in joined else ev.step_ns
+            yield r, TokenEvent(tok, step_ns, ev.batch_size, ev.t_ns, lp, top)
 
 
 @dataclass(slots=True)
@@ -296,6 +301,7 @@ class Scheduler:
         self._tok = np.zeros(self.cfg.max_batch, dtype=np.int32)
         self._pos = np.zeros(self.cfg.max_batch, dtype=np.int32)
         self._n_partial = 0                  # running sequences whose prefill is not complete
+        self._joined: dict = {}              # see DecodeStep.joined
         self._next_deadline_ns = NO_DEADLINE  # earliest deadline of a live request (or later)
         self._next_expiry_check = 0.0
 
@@ -751,7 +757,10 @@ class Scheduler:
             reason = self._end_reason(seq, tok)
             if reason is not None:
                 finished.append((seq, reason))
-        items.append((None, DecodeStep(self._batch_reqs[:], tokens, engine_ns, B, now, lps)))
+        joined = None
+        if self._joined:
+            joined, self._joined = self._joined, {}
+        items.append((None, DecodeStep(self._batch_reqs[:], tokens, engine_ns, B, now, lps, joined)))
         for seq, reason in finished:
             self._finish(seq, reason, items)
         return B
@@ -841,6 +850,7 @@ class Scheduler:
                 self._emit_after_prefill(seq, tok, logits, now, items)
                 if seq.req is not None:  # still going: it decodes from the next step on
                     self._batch_add(seq)
+                    self._joined[seq.req] = self._prefill_ns_prev
                     if not decoding:  # the rest of this step's prefill now delays its second
                         decoding = True  # token: a step with a decode gets the smaller budget
                         budget = min(budget, self.cfg.prefill_chunk)

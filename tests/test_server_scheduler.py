@@ -182,6 +182,50 @@ def test_a_burst_on_an_idle_engine_does_not_hold_the_first_stream(path):
     assert all(f.stats.prefill_tokens == 20 for f in finals)
 
 
+def test_step_time_of_a_token_is_the_engine_work_since_the_previous_one(path, monkeypatch):
+    """engine_step_ns: a prompt's first token carries its prefill; its second only the decode
+    (its own prefill came before its first token); a stream already decoding also carries the
+    prefill that ran between its two tokens. Exact, on a clock that only model calls advance."""
+    import engine.scheduler as sch
+
+    clock = [0]
+
+    class Clock:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def monotonic_ns():
+            return clock[0]
+
+    monkeypatch.setattr(sch, "time", Clock)
+    sched, events = make(path)
+    prefill, decode = sched.model.prefill, sched.model.decode
+
+    def slow_prefill(*a, **k):
+        clock[0] += 100_000_000
+        return prefill(*a, **k)
+
+    def slow_decode(*a, **k):
+        clock[0] += 10_000_000
+        return decode(*a, **k)
+
+    monkeypatch.setattr(sched.model, "prefill", slow_prefill)
+    monkeypatch.setattr(sched.model, "decode", slow_decode)
+    a = Request([5, 6, 7], greedy(6))
+    sched.submit(a)
+    for _ in range(3):
+        sched._apply_commands()
+        sched.step()
+    b = Request([8, 9, 10], greedy(3))
+    sched.submit(b)
+    run(sched)
+    steps = {id(r): [ev.step_ns for req, ev in events if req is r and isinstance(ev, TokenEvent)] for r in (a, b)}
+    assert steps[id(b)] == [100_000_000, 10_000_000, 10_000_000]
+    assert steps[id(a)][:2] == [100_000_000, 10_000_000]
+    assert 110_000_000 in steps[id(a)][2:]  # the token after b's prefill
+    assert sorted(steps[id(a)][2:]) == [10_000_000] * 3 + [110_000_000]
+
+
 def test_cancel_frees_blocks_within_one_step(path):
     sched, events = make(path)
     r = Request([1, 2, 3], greedy(500))
