@@ -1,8 +1,9 @@
 """Engine throughput on the real model: decode (1 stream), prefill (512 tokens), batched decode
 (B=16), each with bytes of weights read per token and achieved GB/s next to the read bandwidth
 measured in the same run; cold/warm JIT start; llama.cpp on the same file when installed, in
-alternating rounds with our engine; and encoding a re-sent chat conversation (cached pieces vs
-encoding the whole rendered prompt)."""
+alternating rounds with our engine; the scheduler's own time between two decode calls (the part of
+the serving bench's per-token overhead that is engine bookkeeping, not serving); and encoding a
+re-sent chat conversation (cached pieces vs encoding the whole rendered prompt)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,53 @@ m.warmup()
 t2 = time.perf_counter()
 print(json.dumps({{"load_s": t1 - t0, "jit_s": t2 - t1}}))
 """
+
+
+def test_scheduler_gap_between_decodes(benchmark, model):
+    """The continuous-batching loop on the real model, no gRPC: the time from one decode call's
+    return to the next call (choosing tokens, finish checks, block growth, publishing), at one
+    sequence and at 16. It runs with caches the model call has just flushed."""
+    from engine.sampling import SamplingParams
+    from engine.scheduler import FinishEvent, Request, Scheduler, SchedulerConfig
+
+    calls = []
+    decode = model.decode
+
+    def timed_decode(*args):
+        t0 = time.perf_counter_ns()
+        out = decode(*args)
+        calls.append((t0, time.perf_counter_ns(), len(args[0])))
+        return out
+
+    done = []
+    sched = Scheduler(model, SchedulerConfig(max_batch=BATCH),
+                      publish=lambda items, quiet: done.extend(
+                          1 for _, ev in items if isinstance(ev, FinishEvent)))
+    gaps = {1: [], BATCH: []}
+
+    def run():  # one stream, then 16 at once; the benchmark's time is the whole of it
+        for n in (1, BATCH):
+            calls.clear()
+            done.clear()
+            for i in range(n):
+                sched.submit(Request(model.tokenizer.encode(f"Story {i}: once upon a time there was"),
+                                     SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)))
+            for _ in range(5000):  # bounded: 48 decode steps after the prefills
+                sched._apply_commands()
+                if len(done) == n:
+                    break
+                sched.step()
+            gaps[n] = [(b0 - a1) / 1e3 for (_, a1, na), (b0, _, nb) in zip(calls, calls[1:]) if na == nb == n]
+
+    model.decode = timed_decode
+    try:
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    finally:
+        model.decode = decode
+    row = {f"B={n}_gap_us_p50": round(float(np.median(g)), 1) for n, g in gaps.items()}
+    row.update({f"B={n}_gap_us_p90": round(float(np.percentile(g, 90)), 1) for n, g in gaps.items()})
+    REPORT["scheduler gap between decodes"] = row
+    benchmark.extra_info.update(row)
 
 
 def test_chat_prompt_encoding(benchmark, model):
