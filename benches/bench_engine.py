@@ -7,6 +7,7 @@ re-sent chat conversation (cached pieces vs encoding the whole rendered prompt).
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -161,7 +162,7 @@ def test_chat_prompt_encoding(benchmark, model):
     for i in range(10):
         history += [{"role": "user", "content": f"Question {i}: tell me about topic {i} in detail. " * 3},
                     {"role": "assistant", "content": f"Answer {i}: a long answer on topic {i}, in full. " * 6}]
-    turns = iter(range(10**6))
+    turns = itertools.count()
 
     def conversation():
         return history + [{"role": "user", "content": f"And one more thing ({next(turns)})?"}]

@@ -21,10 +21,10 @@ ticking at the real engine's median step; the same formulas apply to it. Both se
 separate processes; the client is the same raw grpc.aio stub.
 
 Each overhead test also draws the distribution of the per-token overhead of both servers
-(bench-out/serving_overhead_<streams>.png). Also reported: the client-seen ITL itself (engine time included), and how long the server's
-streaming threads (event loop, publisher, gRPC's; normal priority) waited for a core per wake-up
-(Linux schedstat): the decode keeps every core busy while the floor's engine sleeps, which is
-where the p99 difference comes from on a machine with few cores.
+(bench-out/serving_overhead_<streams>.png). Also reported: the client-seen ITL itself (engine time
+included), and how long the server's streaming threads (event loop, publisher, gRPC's; normal
+priority) waited for a core per wake-up (Linux schedstat): the decode keeps every core busy while
+the floor's engine sleeps, which is where the p99 difference comes from on a machine with few cores.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class Tokenizer:
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def _encode_uncached(self, piece: str) -> tuple[int, ...]:
-        return tuple(self._hf.encode(piece, add_special_tokens=False).ids)
+        return tuple(self.encode(piece))  # a tuple: cached values must not be mutable
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
