@@ -113,7 +113,7 @@ class Model:
         self.kv = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_blocks, block_size)
         self.buffers = self._buffers(self.max_chunk)
         self._logits = np.zeros((max_batch, cfg.vocab_size), dtype=np.float32)
-        self.picks = np.zeros(max_batch, dtype=np.int64)  # each row's argmax, last decode
+        self.picks = np.zeros(max_batch, dtype=np.int64)  # each row's argmax, last call
         self._rows = np.arange(self.max_chunk, dtype=np.int32)
         self._zeros = np.zeros(self.max_chunk, dtype=np.int32)
         self.load_seconds = time.perf_counter() - t0
@@ -161,7 +161,8 @@ class Model:
     def prefill(self, tokens: np.ndarray, block_table: np.ndarray, start_pos: int = 0,
                 all_logits: bool = False) -> np.ndarray:
         """Run a prompt (in chunks of max_chunk) from start_pos; its KV goes into block_table's
-        blocks. Returns the last token's logits [vocab], or [n, vocab] with all_logits."""
+        blocks. Returns the last token's logits [vocab], or [n, vocab] with all_logits;
+        ``picks[0]`` holds the last token's argmax (the greedy choice, as decode's)."""
         tokens = np.ascontiguousarray(tokens, np.int32)
         n = tokens.size
         if n == 0:
@@ -181,6 +182,8 @@ class Model:
             else:
                 rows, logits = self._rows[c1 - c0 - 1 : c1 - c0], self._logits[:1]
             self._step(chunk, positions, self._zeros[: c1 - c0], table, rows, logits)
+        last = out[-1:] if all_logits else self._logits[:1]
+        np.argmax(last, axis=1, out=self.picks[:1])
         return out if all_logits else self._logits[0]
 
     # -- conveniences --------------------------------------------------------------------------

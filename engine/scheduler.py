@@ -844,7 +844,7 @@ class Scheduler:
                 self._n_partial -= 1
                 seq.max_batch = max(seq.max_batch, 1)
                 if seq.greedy:
-                    tok = int(logits.argmax())
+                    tok = int(self.model.picks[0])
                 else:
                     tok = int(seq.sampler.sample(logits, seq.tokens[: seq.n_tokens]))
                 self._emit_after_prefill(seq, tok, logits, now, items)
@@ -857,6 +857,8 @@ class Scheduler:
                 # queued now: it leaves before the next model call, not after this step's prefills
                 self.publish(items[:])
                 items.clear()
+                if len(self._batch) <= 1:  # a lone stream: the engine hands it over itself, at once
+                    self._flush()
         return done
 
     # ---------------------------------------------------------------- emitting / finishing

@@ -34,13 +34,18 @@ TOKEN_BYTE = 6
 
 PIECE_CACHE_SIZE = 1024  # chat pieces (a message with its role header) kept encoded
 
-# Used when the GGUF carries no chat template: ChatML with SmolLM's default system prompt.
+# SmolLM2-Instruct's template, as its GGUF carries it: ChatML, with a default system prompt when
+# the conversation has none. Also used when a GGUF carries no chat template.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Plain ChatML (no default system prompt).
+CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
-    "trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -99,6 +104,7 @@ class Tokenizer:
         self.token_types = list(token_types) if token_types is not None else [TOKEN_NORMAL] * self.vocab_size
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        self._render_fast = _FAST_TEMPLATES.get(self.chat_template)
 
         vocab = {tok: i for i, tok in enumerate(self.tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
@@ -182,6 +188,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` with the GGUF's chat template (as transformers does)."""
+        if self._render_fast is not None:
+            return self._render_fast(messages, add_generation_prompt)
         return _compile_template(self.chat_template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -234,6 +242,29 @@ def _raise_exception(message):
 
 def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
+
+
+def _chatml(default_system: str | None):
+    """A renderer equal to a ChatML template's jinja2 rendering (tests pin the equality)."""
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        parts = []
+        if default_system is not None and messages and messages[0]["role"] != "system":
+            parts.append("<|im_start|>system\n" + default_system + "<|im_end|>\n")
+        for m in messages:
+            parts.append("<|im_start|>" + m["role"] + "\n" + m["content"] + "<|im_end|>\n")
+        if add_generation_prompt:
+            parts.append("<|im_start|>assistant\n")
+        return "".join(parts)
+    return render
+
+
+# Templates rendered in plain Python, by their exact source (as llama.cpp recognises known
+# templates): a jinja2 render costs ~250 us with the caches a decode step leaves behind, on the
+# path to every request's first token; this costs ~10 us.
+_FAST_TEMPLATES = {
+    DEFAULT_CHAT_TEMPLATE: _chatml(DEFAULT_SYSTEM_PROMPT),
+    CHATML_TEMPLATE: _chatml(None),
+}
 
 
 @lru_cache(maxsize=8)

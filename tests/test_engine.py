@@ -94,7 +94,8 @@ def test_batched_decode_equals_single_steps(models, weight_type, n_seqs):
             blocks = alloc.allocate(model.kv.blocks_for(len(s)))
             owned.append(blocks)
             tables[i, : len(blocks)] = blocks
-            model.prefill(s[:-1], tables[i], 0)
+            logits = model.prefill(s[:-1], tables[i], 0)
+            assert model.picks[0] == logits.argmax()  # the greedy pick of the prompt's last token
         last = np.array([s[-1] for s in seqs], np.int32)
         pos = np.array(lengths, np.int32)
         batched = model.decode(last, pos, tables).copy()

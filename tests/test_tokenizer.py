@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine import tokenizer as tokenizer_module
 from engine.tokenizer import IncrementalDecoder, Tokenizer
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -215,3 +216,30 @@ def test_template_raise_exception_helper():
     assert tok.apply_chat_template([{"role": "user", "content": "a"}]) == "ok"
     with pytest.raises(jinja2.exceptions.TemplateError, match="user first"):
         tok.apply_chat_template([{"role": "system", "content": "a"}])
+
+
+# --- chat templates rendered without jinja2 ------------------------------------------------
+
+ROLES = st.sampled_from(["system", "user", "assistant", "tool"])
+CONTENT = st.one_of(st.text(max_size=40), st.sampled_from(["{{ messages }}", "{% endfor %}", "<|im_end|>", ""]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages=st.lists(st.fixed_dictionaries({"role": ROLES, "content": CONTENT}), max_size=5),
+       add_generation_prompt=st.booleans())
+def test_known_templates_render_as_jinja_does(messages, add_generation_prompt):
+    """A template with a plain-Python renderer gives exactly the jinja2 rendering of its source."""
+    assert tokenizer_module._FAST_TEMPLATES, "no template has a fast renderer"
+    for source, render in tokenizer_module._FAST_TEMPLATES.items():
+        expected = tokenizer_module._compile_template(source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token="")
+        assert render(messages, add_generation_prompt) == expected
+
+
+def test_the_models_template_is_rendered_without_jinja(real_tokenizer, monkeypatch):
+    def no_jinja(source):
+        raise AssertionError("jinja2 used for a known template")
+
+    monkeypatch.setattr(tokenizer_module, "_compile_template", no_jinja)
+    assert real_tokenizer.apply_chat_template(FRANCE).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
