@@ -15,7 +15,8 @@ Definitions (per stream, client-side receive times r_i, engine step time s_i car
                  gRPC, without the transport); usage.queue_ms, the part spent waiting for the engine
                  (submit to prefill start: its wake-up, or other requests' prefills ahead), is also
                  reported, and subtracted where other requests are ahead (16 streams)
-The engine's step time is the model call, greedy pick included (numpy argmax over the batch).
+The engine's step time is the model call, greedy pick included (numpy argmax over the batch; for
+a prefill, of the prompt's last token).
 The floor (benches/serving_floor.py) is a bare grpc.aio server with a stand-in engine thread
 ticking at the real engine's median step; the same formulas apply to it. Both servers run as
 separate processes; the client is the same raw grpc.aio stub.

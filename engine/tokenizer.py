@@ -3,7 +3,8 @@
 GGUF files written by llama.cpp's converter carry the whole tokenizer in their metadata
 (``tokenizer.ggml.*``). For byte-level BPE models (``tokenizer.ggml.model == "gpt2"``) we rebuild
 the equivalent Hugging Face ``tokenizers.Tokenizer`` from it, so ids match the model's reference
-tokenizer exactly, and render the chat template with jinja2 the way ``transformers`` does.
+tokenizer exactly, and render the chat template with jinja2 the way ``transformers`` does (known
+templates in plain Python, to the same text).
 
     tok = Tokenizer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
