@@ -3,6 +3,7 @@ deadlines, admission, validation, lifecycle, sessions, health, reflection, metri
 
 from __future__ import annotations
 
+import gc
 import concurrent.futures as cf
 import time
 import urllib.request
@@ -64,6 +65,14 @@ def wait_until(pred, timeout=10.0):
 
 def kv_used(server, name="tiny"):
     return server.runtime(name).scheduler.allocator.num_used
+
+
+def test_the_loaded_model_is_left_out_of_garbage_collections(server):
+    """A full collection walks every object loading left behind (the vocabulary, GGUF metadata,
+    Numba's types) holding the GIL; once a model is ready its heap is frozen out of collections."""
+    tokens = server.runtime("tiny").model.tokenizer.tokens
+    assert gc.is_tracked(tokens)
+    assert not any(o is tokens for o in gc.get_objects())  # in no generation a collection walks
 
 
 # ------------------------------------------------------------------------------ streaming

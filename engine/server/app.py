@@ -10,6 +10,7 @@ metrics, graceful drain.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -182,6 +183,11 @@ class ModelRuntime:
             self.model = model
             if self.metrics:
                 self.metrics.bind_scheduler(e.name, self.scheduler)
+            # Loading leaves ~120k long-lived objects (vocabulary, GGUF metadata, Numba's types). A
+            # full collection walks them all (~50 ms here) holding the GIL, stalling every stream;
+            # freezing them keeps later collections to the objects serving creates.
+            gc.collect()
+            gc.freeze()
             self.load_seconds = time.perf_counter() - t0
         except BaseException as exc:  # reported by wait_ready
             log.exception("loading model %r failed", self.entry.name)
