@@ -261,7 +261,7 @@ def _chatml(default_system: str | None):
 
 # Templates rendered in plain Python, by their exact source (as llama.cpp recognises known
 # templates): a jinja2 render costs ~250 us with the caches a decode step leaves behind, on the
-# path to every request's first token; this costs ~10 us.
+# path to every request's first token; this costs ~40 us there (~4 us hot).
 _FAST_TEMPLATES = {
     DEFAULT_CHAT_TEMPLATE: _chatml(DEFAULT_SYSTEM_PROMPT),
     CHATML_TEMPLATE: _chatml(None),

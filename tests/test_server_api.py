@@ -3,8 +3,8 @@ deadlines, admission, validation, lifecycle, sessions, health, reflection, metri
 
 from __future__ import annotations
 
-import gc
 import concurrent.futures as cf
+import gc
 import time
 import urllib.request
 
