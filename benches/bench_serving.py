@@ -7,6 +7,7 @@ prefill time, and aggregate tokens/s at 1, 4, 16, 64 concurrent streams.
     WAFER_BENCH_REALTIME=1 ...    # `wafer serve --realtime-streaming`, and the client's threads
                                   # under SCHED_RR too (needs CAP_SYS_NICE)
     WAFER_BENCH_OUT=dir ...       # where the overhead plots go (default bench-out/)
+    WAFER_BENCH_SERVE_ARGS="--engine-sched-idle" ...   # more `wafer serve` flags
 
 Definitions (per stream, client-side receive times r_i, engine step time s_i carried in chunk i):
   overhead_i   = (r_i - r_{i-1}) - s_i                      for i >= 1
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("WAFER_BENCH_MODEL", "smollm2-135m")
 OUT = Path(os.environ.get("WAFER_BENCH_OUT", ROOT / "bench-out"))
 REALTIME = os.environ.get("WAFER_BENCH_REALTIME") == "1"
+SERVE_ARGS = shlex.split(os.environ.get("WAFER_BENCH_SERVE_ARGS", ""))
+VARIANT = " ".join((["realtime streaming threads"] if REALTIME else []) + SERVE_ARGS)
 ROUNDS = 3
 TOPICS = ["dragons", "the sea", "a robot", "mountains", "a city at night", "an old library",
           "the moon", "a river", "a lighthouse", "a forest", "a train journey", "winter"]
@@ -83,7 +87,8 @@ def stop(proc) -> None:
 def wafer_proc():
     proc, address = start([sys.executable, "-m", "engine.cli", "serve", "--model", MODEL, "--port", "0",
                            "--metrics-port", "-1", "--grace", "1"]
-                          + (["--realtime-streaming"] if REALTIME else []))
+                          + (["--realtime-streaming"] if REALTIME else [])
+                          + SERVE_ARGS)
     proc.address = address
     yield proc
     stop(proc)
@@ -209,7 +214,7 @@ def plot_overhead(streams: int, ours, floor, info) -> Path:
     ax.set_xlabel("per-token overhead: client-seen gap minus engine step (us)")
     ax.set_ylabel("fraction of tokens")
     ax.set_title(f"{streams} stream(s): ratio p50 {info['ratio_p50']:.2f}x, p99 {info['ratio_p99']:.2f}x"
-                 + (" (realtime streaming)" if REALTIME else ""))
+                 + (f" ({VARIANT})" if VARIANT else ""))
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -286,7 +291,7 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
         f"(floor {info['floor_server_ttft_us_p50']:.1f} us), of which waiting for the engine "
         f"p50 {info['queue_us_p50']:.1f} us; without that wait p50 {info['server_ttft_minus_queue_us_p50']:.1f} us",
         f"distribution: {info['plot']}",
-    ], f"serving overhead at {streams} stream(s)" + (" (realtime streaming threads)" if REALTIME else ""))
+    ], f"serving overhead at {streams} stream(s)" + (f" ({VARIANT})" if VARIANT else ""))
 
 
 def test_ttft_overhead(benchmark, wafer_server):

@@ -485,6 +485,39 @@ def test_engine_runs_below_the_threads_that_stream(model_path):
     assert nice(0) == base
 
 
+def test_engine_sched_idle_runs_the_compute_threads_under_sched_idle(model_path):
+    """With ``engine_sched_idle`` the engine thread and the Numba threads it starts run under
+    SCHED_IDLE, so a woken streaming thread preempts them at once; the publisher thread and the
+    event loop stay normal, and the server still serves."""
+    import os
+
+    import numba
+
+    reg = Registry([ModelEntry(name="tiny", path=str(model_path))])
+    with ServerThread(reg, ServerOptions(port=0, metrics_port=None, engine_sched_idle=True)) as srv:
+        rt = srv.runtime()
+        engine = rt._thread.native_id
+        assert os.sched_getscheduler(engine) == os.SCHED_IDLE
+        assert os.sched_getscheduler(rt.publisher._thread.native_id) == os.SCHED_OTHER
+        assert os.sched_getscheduler(srv._thread.native_id) == os.SCHED_OTHER
+        with WaferClient(srv.address, timeout=60) as c:
+            assert c.complete("hi", max_tokens=3, temperature=0)[1].usage["completion_tokens"] == 3
+        if numba.threading_layer() == "omp" and numba.get_num_threads() > 1:  # its own workers
+            idle = [int(t) for t in os.listdir("/proc/self/task")
+                    if int(t) != engine and _policy(int(t)) == os.SCHED_IDLE]
+            assert idle, "the compute threads the engine started are not under SCHED_IDLE"
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def _policy(tid: int) -> int | None:
+    import os
+
+    try:
+        return os.sched_getscheduler(tid)
+    except OSError:  # the thread has ended
+        return None
+
+
 def _realtime_allowed() -> bool:
     import os
     import threading

@@ -61,6 +61,7 @@ class ServerOptions:
     pace: str = "realtime"
     threads: int | None = None        # Numba threads
     engine_nice: int = 0              # niceness of the engine thread and the compute threads it starts
+    engine_sched_idle: bool = False   # those threads under SCHED_IDLE instead (no privilege needed)
     realtime_streaming: bool = False  # the threads that stream tokens under SCHED_RR (needs privilege)
 
 
@@ -73,6 +74,18 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except OSError as e:
         log.warning("could not set the engine's niceness to %d: %s", nice, e)
+
+
+def idle_priority() -> None:
+    """Run this thread, and the Numba compute threads it starts (they inherit it), under
+    SCHED_IDLE: the kernel lets any other woken thread - ours that stream tokens, a client on the
+    same machine - preempt them at once, where at a low niceness a woken thread can still wait up
+    to a scheduler tick (the p99 spikes of the serving bench). No privilege needed. The decode
+    then only gets the cores nothing else wants: for a machine that serves and little else."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError) as e:  # AttributeError: not Linux
+        log.warning("cannot run the engine under SCHED_IDLE (%s); it keeps normal priority", e)
 
 
 def realtime_threads(tids) -> int:
@@ -161,7 +174,9 @@ class ModelRuntime:
 
     def _main(self) -> None:
         """Engine thread: load + warm the model, then run the batching loop until stopped."""
-        if self.options.engine_nice:
+        if self.options.engine_sched_idle:
+            idle_priority()
+        elif self.options.engine_nice:
             lower_priority(self.options.engine_nice)
         try:
             from engine.fetch import resolve_model

@@ -11,6 +11,7 @@ serves smollm2-135m. Example::
     session_idle_timeout_s = 300
     grace_s = 10
     engine_nice = 5                    # niceness of the compute threads
+    engine_sched_idle = false          # compute threads under SCHED_IDLE instead (see README)
     realtime_streaming = false         # streaming threads under SCHED_RR (needs CAP_SYS_NICE)
 
     [[models]]
