@@ -84,6 +84,7 @@ def idle_priority() -> None:
     then only gets the cores nothing else wants: for a machine that serves and little else."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        log.info("engine and its compute threads run under SCHED_IDLE")
     except (OSError, AttributeError) as e:  # AttributeError: not Linux
         log.warning("cannot run the engine under SCHED_IDLE (%s); it keeps normal priority", e)
 
