@@ -7,13 +7,20 @@ minimum any design with an engine thread must do. Each chunk reports the tick's 
 in ``engine_step_ns``, so ``client ITL - engine_step_ns`` is the floor's per-token overhead, the
 same formula the bench applies to the real server.
 
-    python benches/serving_floor.py --port 0 --ready-file /tmp/floor --step-ms 10
+With ``--busy`` the stand-in engine keeps every core busy for each tick instead of sleeping: it
+runs short Numba parallel regions (nogil, one chunk per thread) back to back from Python until
+the tick is over, at the niceness of `wafer serve`'s compute threads - the shape of the CPU load
+a decode step puts on the machine, so the streaming threads compete for cores as they do in the
+real server. That floor tells which part of the real server's overhead is the machine's.
+
+    python benches/serving_floor.py --port 0 --ready-file /tmp/floor --step-ms 10 [--busy]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import threading
 import time
@@ -22,19 +29,59 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc  # noqa: E402
+import numpy as np  # noqa: E402
 
 from protos import wafer_pb2 as pb  # noqa: E402
 from protos import wafer_pb2_grpc as pb_grpc  # noqa: E402
 
 
+REGION_S = 40e-6  # about a decode step's parallel regions: ~250 of them in 10 ms
+
+
+class CpuLoad:
+    """Burns every Numba thread for a given time in REGION_S-long parallel regions."""
+
+    def __init__(self, nice: int):
+        import numba
+
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)  # Numba's threads inherit it
+
+        @numba.njit(nogil=True, parallel=True)
+        def spin(iters):
+            out = np.zeros(numba.get_num_threads())
+            for t in numba.prange(out.size):
+                x = 1.0
+                for _ in range(iters):
+                    x = x * 0.999999 + 1e-9
+                out[t] = x
+            return out
+
+        self.spin = spin
+        spin(1000)
+        t0 = time.perf_counter()
+        spin(1_000_000)
+        self.iters = max(1, int(1_000_000 * REGION_S / (time.perf_counter() - t0)))
+
+    def run(self, seconds: float, hand_over) -> None:
+        """Burn for ``seconds`` from now; ``hand_over`` runs first, inside the timed tick."""
+        end = time.perf_counter() + seconds
+        hand_over()
+        while time.perf_counter() < end:
+            self.spin(self.iters)
+
+
 class FakeEngine:
-    def __init__(self, step_s: float, prefill_s: float):
+    def __init__(self, step_s: float, prefill_s: float, busy_nice: int | None = None):
         self.step_s = step_s
         self.prefill_s = prefill_s
+        self.busy_nice = busy_nice
         self.streams: dict[int, tuple] = {}  # id -> (loop, queue, remaining, index)
         self.lock = threading.Lock()
         self.wake = threading.Event()
+        self.ready = threading.Event()
+        self.outbox: dict = {}  # loop -> [(queue, item)] not yet handed over
         threading.Thread(target=self.run, daemon=True).start()
+        self.ready.wait()  # the busy ticks' kernel is compiled before the server says it is ready
 
     def add(self, key, loop, q, n):
         with self.lock:
@@ -45,29 +92,43 @@ class FakeEngine:
         with self.lock:
             self.streams.pop(key, None)
 
+    def hand_over(self):
+        outbox, self.outbox = self.outbox, {}
+        for loop, items in outbox.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
     def run(self):
+        # Sleeping ticks hand each tick's tokens over right after it. A busy tick hands the
+        # previous tick's over inside its own timed part, as wafer serve hands a step's tokens over
+        # as the next model call starts: the engine's wait for the GIL the event loop takes then
+        # is not added between ticks, where it would count as per-token overhead.
+        load = CpuLoad(self.busy_nice) if self.busy_nice is not None else None
+        self.ready.set()
         while True:
             if not self.streams:
+                self.hand_over()
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
             with self.lock:
                 new = any(s[4] for s in self.streams.values())
             t0 = time.monotonic_ns()
-            time.sleep(self.prefill_s if new else self.step_s)
+            if load:
+                load.run(self.prefill_s if new else self.step_s, self.hand_over)
+            else:
+                time.sleep(self.prefill_s if new else self.step_s)
             dt = time.monotonic_ns() - t0
-            by_loop = {}
             with self.lock:
                 for key, s in list(self.streams.items()):
                     loop, q, remaining, index, _ = s
                     s[4] = False
-                    by_loop.setdefault(loop, []).append((q, (index, dt, remaining == 1)))
+                    self.outbox.setdefault(loop, []).append((q, (index, dt, remaining == 1)))
                     s[2] -= 1
                     s[3] += 1
                     if s[2] == 0:
                         del self.streams[key]
-            for loop, items in by_loop.items():
-                loop.call_soon_threadsafe(_deliver, items)
+            if not load:
+                self.hand_over()
 
 
 def _deliver(items):
@@ -106,8 +167,8 @@ class FloorServicer(pb_grpc.WaferServicer):
 
 async def main_async(args) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_WaferServicer_to_server(FloorServicer(FakeEngine(args.step_ms / 1e3, args.prefill_ms / 1e3)),
-                                        server)
+    engine = FakeEngine(args.step_ms / 1e3, args.prefill_ms / 1e3, args.nice if args.busy else None)
+    pb_grpc.add_WaferServicer_to_server(FloorServicer(engine), server)
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     await server.start()
     if args.ready_file:
@@ -121,6 +182,8 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=10.0)
     p.add_argument("--prefill-ms", type=float, default=None)
     p.add_argument("--ready-file")
+    p.add_argument("--busy", action="store_true", help="keep every core busy during each tick")
+    p.add_argument("--nice", type=int, default=5, help="niceness of the busy ticks (wafer serve's default)")
     args = p.parse_args()
     if args.prefill_ms is None:
         args.prefill_ms = args.step_ms
