@@ -9,7 +9,9 @@ import sys
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion (local model, or --server)")
-    p.add_argument("--model", default="smollm2-135m", help="known model name or path to a .gguf")
+    p.add_argument("--model", default=None,
+                   help="known model name or path to a .gguf (default smollm2-135m; with --server: "
+                        "a name the server serves, default the server's default model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return generate_cli_remote(args)
     from engine.fetch import resolve_model
 
-    path = resolve_model(args.model)
+    path = resolve_model(args.model or "smollm2-135m")
     params = sampling_params(args)
     from engine.generate import Generation, prompt_ids
     from engine.model import Model

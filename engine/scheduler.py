@@ -72,8 +72,11 @@ class SchedulerConfig:
     max_batch: int = 64               # sequences per decode step (<= the model's max_batch)
     max_waiting: int = 256            # bounded admission queue; beyond it QueueFull
     prefill_chunk: int = 64           # prefill tokens per step while others decode
-    prefill_budget_idle: int = 2048   # prefill tokens per step while nothing decodes (a burst of
-                                      # prompts: until the first of them has its first token)
+    prefill_budget_idle: int = 512    # prefill tokens per step while nothing decodes (a burst of
+                                      # prompts: until the first of them has its first token); it
+                                      # bounds a step, between which cancels and deadlines act
+                                      # (512 prompt tokens take ~1.5 s on 2 cores, prefill is
+                                      # compute-bound well below that, so bigger gains nothing)
     session_idle_timeout_s: float = 300.0
     max_sessions: int = 256
 
@@ -333,9 +336,12 @@ class Scheduler:
         with self._lock:
             if not self._accepting:
                 raise SchedulerClosed("the server is shutting down and takes no new requests")
-            if self._pending_new >= self.cfg.max_waiting:
+            # submitted requests the batch has room for are about to run, not waiting (a burst
+            # on an idle engine is not refused before the engine has admitted any of it)
+            waiting = self._pending_new - max(0, self.cfg.max_batch - len(self.running))
+            if waiting >= self.cfg.max_waiting:
                 raise QueueFull(
-                    f"waiting queue is full: {self._pending_new} requests waiting, "
+                    f"waiting queue is full: {waiting} requests waiting, "
                     f"limit max_waiting={self.cfg.max_waiting}"
                 )
             self._pending_new += 1
@@ -662,7 +668,8 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        log.info("KV pool full: preempting sequence %d (recompute later)", seq.seq_id)
+        log.info("KV pool full: preempting sequence %d, request %r (recompute later)", seq.seq_id,
+                 seq.req.request_id if seq.req is not None else "")
         self._free(seq)
         self._leave_running(seq)
         seq.prefilling = True
@@ -692,7 +699,8 @@ class Scheduler:
             if victim in self.running:
                 self._preempt(victim)
             else:  # a session turn waiting with its cached prefix: drop the cache
-                log.info("KV pool full: dropping the cached prefix of waiting sequence %d", victim.seq_id)
+                log.info("KV pool full: dropping the cached prefix of waiting sequence %d, request %r",
+                         victim.seq_id, victim.req.request_id if victim.req is not None else "")
                 self._free(victim)
                 victim.stats.cached_tokens = 0
             return
@@ -899,6 +907,11 @@ class Scheduler:
         st.finish_ns = time.monotonic_ns()
         st.completion_tokens = max(0, seq.n_tokens - seq.prompt_len)
         st.max_batch_size = seq.max_batch
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %r (sequence %d) finished: %s%s; %d prompt tokens (%d cached) + %d "
+                      "completion, %d preemption(s)", req.request_id, seq.seq_id, reason,
+                      f" ({error})" if error else "", st.prompt_tokens, st.cached_tokens,
+                      st.completion_tokens, st.preemptions)
         if seq in self.running:
             self._leave_running(seq)
         elif seq in self.waiting:

@@ -18,7 +18,7 @@ import codecs
 import os
 import re
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -26,6 +26,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 # llama.cpp token types (enum llama_token_type)
+LONG_TEXT_CHARS = 16_384  # above this, encode() lets other threads run meanwhile
+
 TOKEN_NORMAL = 1
 TOKEN_UNKNOWN = 2
 TOKEN_CONTROL = 3
@@ -165,7 +167,11 @@ class Tokenizer:
     # --- text <-> ids -------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; no BOS is added, special-token text becomes its single id."""
+        """Token ids of ``text``; no BOS is added, special-token text becomes its single id. A
+        long text goes through the batch call, which releases the GIL while it encodes (the single
+        call holds it: ~1 ms per 1000 characters that no other thread can run)."""
+        if len(text) > LONG_TEXT_CHARS:
+            return self._hf.encode_batch([text], add_special_tokens=False)[0].ids
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def _encode_uncached(self, piece: str) -> tuple[int, ...]:
@@ -173,6 +179,13 @@ class Tokenizer:
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """No token covers more characters of input text than this (a token's string holds at
+        least one character per byte or character it stands for): a text longer than
+        ``context * max_token_chars`` cannot fit the context, and is known without encoding it."""
+        return max(map(len, self.tokens))
 
     def token_bytes(self, id) -> bytes:
         """Raw bytes of one token (a token may hold only part of a UTF-8 character)."""

@@ -208,7 +208,7 @@ def test_invalid_sampling(client, kw, field):
     assert field in e.value.details()
 
 
-def test_invalid_inputs(client):
+def test_invalid_inputs(client, server):
     cases = [
         (pb.GenerateRequest(), "empty prompt"),
         (pb.GenerateRequest(text=""), "empty prompt"),
@@ -219,6 +219,11 @@ def test_invalid_inputs(client):
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * (CONTEXT + 5))), "context"),
         (pb.GenerateRequest(text="x", coalesce_tokens=1000), "coalesce_tokens"),
     ]
+    # a text no tokenization could fit in the context is refused before it is encoded
+    max_chars = CONTEXT * server.runtime().tokenizer.max_token_chars
+    for req in (pb.GenerateRequest(text="y" * (max_chars + 1)), pb.GenerateRequest(
+            messages=pb.Messages(messages=[pb.ChatMessage(role="user", content="y" * (max_chars + 1))]))):
+        cases.append((req, f"{max_chars + 1} characters"))
     for req, needle in cases:
         with pytest.raises(grpc.RpcError) as e:
             list(client.stub.Generate(req, timeout=10))
@@ -258,6 +263,9 @@ def test_deprecated_model_served_with_trailing_metadata(client):
     assert md["wafer-successor"] == "tiny"
     _, done = split(list(client.generate("new", model="tiny", max_tokens=3, temperature=0)))
     assert "wafer-deprecated" not in done.trailing_metadata
+    with client.session(model="tiny-2024") as s:  # and sessions, once closed
+        s.say("old", max_tokens=2, temperature=0)
+    assert s.trailing_metadata["wafer-successor"] == "tiny"
     # errors on a deprecated model carry it too
     call = client.stub.Generate(pb.GenerateRequest(model="tiny-2024", text=""), timeout=10)
     with pytest.raises(grpc.RpcError) as e:
@@ -265,11 +273,23 @@ def test_deprecated_model_served_with_trailing_metadata(client):
     assert dict(e.value.trailing_metadata())["wafer-successor"] == "tiny"
 
 
+def test_cli_warning_for_a_deprecated_model():
+    from engine.server.client import deprecation_warning
+
+    assert deprecation_warning({}, "tiny") is None
+    md = {"wafer-deprecated": "true", "wafer-sunset": "2099-12-31", "wafer-successor": "tiny"}
+    assert deprecation_warning(md, "tiny-2024") == \
+        "warning: model 'tiny-2024' is deprecated and retires on 2099-12-31; use 'tiny'"
+    assert deprecation_warning(md, "").startswith("warning: the server's default model is deprecated")
+
+
 def test_retired_model_refused_naming_successor(client):
     with pytest.raises(grpc.RpcError) as e:
         list(client.generate("x", model="tiny-2020"))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "'tiny'" in e.value.details() and "retired" in e.value.details()
+    md = dict(e.value.trailing_metadata())
+    assert md["wafer-retired"] == "true" and md["wafer-successor"] == "tiny"
 
 
 def test_tokenize(client, server):
@@ -320,7 +340,8 @@ def test_session_token_turns_prefill_only_new_tokens(client, server):
 
 def test_session_cancel_turn_and_continue(client, server):
     with client.session() as s:
-        it = s.turn("a long answer", max_tokens=CONTEXT // 2, temperature=0)
+        it = s.turn(messages=[{"role": "user", "content": "a long answer"}], max_tokens=CONTEXT // 2,
+                    temperature=0)
         next(it)
         s.cancel()
         items = list(it)
@@ -328,6 +349,34 @@ def test_session_cancel_turn_and_continue(client, server):
         _, done = s.say("short", max_tokens=3, temperature=0)
         assert done.usage["completion_tokens"] >= 1
     assert wait_until(lambda: kv_used(server) == 0)
+
+
+def test_session_turn_left_early_is_cancelled_and_never_leaks_into_the_next(client, server):
+    """A turn the caller stops reading (``break``, or an iterator simply left open) is cancelled
+    when the next turn starts; that turn yields only its own tokens and final."""
+    with client.session() as s:
+        for _ in s.turn("a long answer", max_tokens=CONTEXT // 2, temperature=0):
+            break
+        tokens, done = split(list(s.turn("short", max_tokens=3, temperature=0)))
+        assert done.finish_reason != "cancelled"
+        assert 1 <= len(tokens) == done.usage["completion_tokens"] <= 3
+        left_open = s.turn("another long answer", max_tokens=CONTEXT // 2, temperature=0)
+        next(left_open)
+        tokens, done = split(list(s.turn("short again", max_tokens=2, temperature=0)))
+        assert done.finish_reason != "cancelled" and len(tokens) == done.usage["completion_tokens"] <= 2
+        assert not s._abandoned  # the given-up turns' finals arrived and were skipped
+    assert wait_until(lambda: kv_used(server) == 0)
+
+
+def test_session_refuses_chat_messages_after_raw_turns(client):
+    """A text or token_ids turn has no chat messages a template could render again: a messages
+    turn after one is refused (the session stays open) instead of silently dropping it."""
+    with client.session() as s:
+        s.turn("raw text first", max_tokens=2, temperature=0).__next__()
+        with pytest.raises(SessionError, match="messages: this session already holds text or token_ids"):
+            s.say("now chat", max_tokens=2, temperature=0)
+        _, done = split(list(s.turn(" more raw text", max_tokens=2, temperature=0)))
+        assert done.usage["cached_tokens"] > 0
 
 
 def test_session_idle_expiry_frees_blocks(client, server):
@@ -415,6 +464,13 @@ def test_metrics_move(client, server):
     assert "wafer_num_requests_running" + lbl in after and "wafer_num_requests_waiting" + lbl in after
     assert any(k.startswith("wafer_request_success_total") and "finished_reason" in k for k in after)
     assert after["wafer_batch_size_count" + lbl] > 0
+    # a name no model has is counted as "unknown": clients cannot create label values at will
+    for name in ("nope", "/etc/passwd"):
+        with pytest.raises(grpc.RpcError):
+            client.get_model(name)
+    errors = {k: v for k, v in _scrape(server.metrics_url).items() if k.startswith("wafer_request_errors_total")}
+    assert errors['wafer_request_errors_total{code="NOT_FOUND",model_name="unknown"}'] >= 2
+    assert not any("nope" in k or "passwd" in k for k in errors)
 
 
 def test_health_transitions(model_path):
@@ -458,6 +514,11 @@ def test_async_client_generate_and_session(server):
                 _, d1 = await s.say("first", max_tokens=4, temperature=0)
                 _, d2 = await s.say("second", max_tokens=4, temperature=0)
                 assert d2.usage["cached_tokens"] > 0
+                async for _ in s.turn(messages=[{"role": "user", "content": "a long answer"}],
+                                      max_tokens=CONTEXT // 2, temperature=0):
+                    break  # given up: cancelled, its remaining tokens never reach the next turn
+                reply, d3 = await s.say("third", max_tokens=3, temperature=0)
+                assert d3.finish_reason != "cancelled" and d3.usage["completion_tokens"] <= 3
             assert s.closed_reason == "client"
         return text
 
@@ -662,3 +723,52 @@ def test_mixed_load_every_call_ends_and_the_pool_empties(model_path):
     allowed = {"final", "broke off", "session", "turn refused", "DEADLINE_EXCEEDED"}
     assert set(outcomes) <= allowed, [o for o in outcomes if o not in allowed]
     assert {"final", "broke off", "session", "DEADLINE_EXCEEDED"} <= set(outcomes)
+
+
+def test_busy_ports_are_named(model_path):
+    """A port in use ends start() with an OSError saying which port (the gRPC one or the
+    metrics one), and the half-started server is stopped."""
+    import socket
+
+    reg = Registry([ModelEntry(name="tiny", path=str(model_path))])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot bind the gRPC port 127.0.0.1:{port}"):
+            ServerThread(reg, ServerOptions(port=port, metrics_port=None)).start()
+        with pytest.raises(OSError, match=f"cannot bind the metrics port 127.0.0.1:{port}"):
+            ServerThread(reg, ServerOptions(port=0, metrics_port=port)).start()
+
+
+def test_drain_while_the_model_loads_does_not_wait_for_it(model_path, monkeypatch):
+    """SIGTERM during loading: the server stops without waiting for the load (which cannot be
+    interrupted), never reports ready, and the engine never starts serving."""
+    import asyncio
+    import threading
+
+    from engine.model import Model
+
+    gate = threading.Event()
+    load = Model.load.__func__
+
+    def slow_load(cls, *a, **kw):
+        gate.wait(30)
+        return load(cls, *a, **kw)
+
+    monkeypatch.setattr(Model, "load", classmethod(slow_load))
+    reg = Registry([ModelEntry(name="tiny", path=str(model_path))])
+    srv = ServerThread(reg, ServerOptions(port=0, metrics_port=None)).start(wait_ready=False)
+    try:
+        waiting = asyncio.run_coroutine_threadsafe(srv.server.wait_ready(60), srv.loop)
+        t0 = time.monotonic()
+        srv.drain(5.0, timeout=10)
+        assert time.monotonic() - t0 < 3.0  # not the 5 s grace, nor the engine thread's join
+        assert waiting.cancelled() or waiting.result(1) is False  # never said ready
+        rt = srv.runtime()
+        gate.set()  # the load completes; the engine thread then ends instead of serving
+        assert wait_until(lambda: rt.loaded.is_set() and not rt._thread.is_alive(), 60)
+        assert rt.error is None
+    finally:
+        gate.set()
+        srv.stop()

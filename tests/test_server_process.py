@@ -72,6 +72,12 @@ def test_generate_cli_remote_text_and_errors(served):
     r = wafer("generate", "--server", address, "--prompt", "hello", "--top-p", "3")
     assert r.returncode == 2
     assert "INVALID_ARGUMENT" in r.stderr and "top_p" in r.stderr
+    # a value the request cannot even hold: the same message as the local mode, no traceback
+    r = wafer("generate", "--server", address, "--prompt", "hello", "--seed", "-1")
+    assert r.returncode == 2 and "seed=-1 must be in [0, 2^64)" in r.stderr and "Traceback" not in r.stderr
+    # a model named explicitly is asked for, even when it is the local default's name
+    r = wafer("generate", "--server", address, "--prompt", "hello", "--model", "smollm2-135m")
+    assert r.returncode == 2 and "NOT_FOUND" in r.stderr and "smollm2-135m" in r.stderr
 
 
 def test_chat_cli_with_piped_stdin(served):
@@ -81,6 +87,16 @@ def test_chat_cli_with_piped_stdin(served):
     summaries = [x for x in r.stderr.splitlines() if x.startswith("[")]
     assert len(summaries) == 2
     assert "(0 reused)" in summaries[0] and "(0 reused)" not in summaries[1]
+
+
+def test_chat_cli_goes_on_after_a_rejected_turn(served):
+    """A turn the server rejects (here: longer than the context) is reported; the session and
+    the next turn go on."""
+    _, address, _ = served
+    r = wafer("chat", "--server", address, "--max-tokens", "3", input="word " * 3000 + "\nhello\n")
+    assert r.returncode == 0, r.stderr
+    assert "turn rejected: INVALID_ARGUMENT" in r.stderr
+    assert len([x for x in r.stderr.splitlines() if x.startswith("[")]) == 1
 
 
 def test_sigterm_drains_streams_then_exits(served):

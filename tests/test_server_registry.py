@@ -69,6 +69,10 @@ def test_lifecycle(registry):
     with pytest.raises(RetiredModel, match="since 2001-01-01"):  # past its sunset date
         registry.resolve("small-2023")
     assert registry.lookup("small-2024").effective_status(dt.date(2100, 1, 1)) == "retired"
+    # past its sunset a deprecated model is retired: no "deprecated" metadata, the retired one
+    assert registry.lookup("small-2023").deprecation_metadata() == ()
+    assert dict(registry.lookup("small-2023").retirement_metadata()) == {
+        "wafer-retired": "true", "wafer-sunset": "2001-01-01", "wafer-successor": "small"}
 
 
 def test_unknown_model_lists_known(registry):
@@ -87,11 +91,21 @@ def test_unknown_model_lists_known(registry):
     ({"models": [{"name": "a", "path": "x", "successor": "zz"}]}, "successor 'zz'"),
     ({"models": [{"name": "a", "path": "x", "status": "deprecated", "sunset": "soon"}]}, "not an ISO date"),
     ({"default": "b", "models": [{"name": "a", "path": "x"}]}, "default='b'"),
+    ({"server": {"prot": 5}, "models": [{"name": "a", "path": "x"}]}, "[server]: unknown keys ['prot']"),
+    ({"server": {"port": "5"}, "models": [{"name": "a", "path": "x"}]}, "port='5' must be an integer"),
+    ({"server": {"port": True}, "models": [{"name": "a", "path": "x"}]}, "port=True must be an integer"),
+    ({"server": {"engine_sched_idle": 1}, "models": [{"name": "a", "path": "x"}]}, "engine_sched_idle=1 must be true or false"),
 ])
 def test_bad_registries(data, needle):
     with pytest.raises(RegistryError) as e:
         Registry.from_dict(data)
     assert needle in str(e.value)
+
+
+def test_server_table_takes_numbers_for_seconds(registry):
+    r = Registry.from_dict({"server": {"grace_s": 2, "session_idle_timeout_s": 0.5},
+                            "models": [{"name": "a", "path": "x"}]})
+    assert r.server == {"grace_s": 2, "session_idle_timeout_s": 0.5}
 
 
 def test_builtin_default():

@@ -138,6 +138,27 @@ def test_chunked_prefill_keeps_running_streams_flowing(path):
     assert finals[0].stats.max_batch_size == 2
 
 
+def test_an_idle_engine_prefills_a_long_prompt_in_bounded_steps(path):
+    """A step is what a cancel or a deadline waits for at most: alone on the engine, a long
+    prompt is prefilled prefill_budget_idle tokens per step, and a cancel between two of those
+    steps ends it and frees its blocks."""
+    sched, events = make(path)
+    calls = []
+    prefill = sched.model.prefill
+    sched.model.prefill = lambda toks, table, start: calls.append((len(toks), start)) or prefill(toks, table, start)
+    budget = sched.cfg.prefill_budget_idle
+    long = Request(list(range(1, 300)) * 3, greedy(4))  # 897 tokens
+    sched.submit(long)
+    sched._apply_commands()
+    sched.step()
+    assert calls == [(budget, 0)]
+    sched.cancel(long)
+    run(sched)
+    assert calls == [(budget, 0)]
+    _, (final,) = outputs(events, [long])
+    assert final.reason == FINISH_CANCELLED and sched.allocator.num_used == 0
+
+
 def test_a_short_prompt_is_not_split_across_steps(path):
     """While others decode the prefill budget is small; the second prompt of a step that does not
     fit what is left of it waits for the next step instead of being cut in two."""
@@ -251,11 +272,21 @@ def test_deadline_finishes_and_frees(path):
     assert sched.allocator.num_used == 0
 
 
+def test_finished_requests_are_logged_with_their_request_id(path, caplog):
+    sched, _ = make(path)
+    with caplog.at_level("DEBUG", logger="engine.scheduler"):
+        sched.submit(Request([1, 2, 3], greedy(2), request_id="order-66"))
+        run(sched)
+    assert "request 'order-66' (sequence" in caplog.text and "finished: length" in caplog.text
+
+
 def test_bounded_waiting_queue(path):
-    sched, _ = make(path, max_waiting=3)
-    for i in range(3):
+    """Up to max_waiting requests wait beyond those the batch has room for: a burst on an idle
+    engine is not refused before the engine has admitted any of it."""
+    sched, _ = make(path, max_waiting=3)  # max_batch=16
+    for i in range(16 + 3):
         sched.submit(Request([1, 2], greedy(4)))
-    with pytest.raises(QueueFull, match="max_waiting=3"):
+    with pytest.raises(QueueFull, match="3 requests waiting, limit max_waiting=3"):
         sched.submit(Request([1, 2], greedy(4)))
     sched._apply_commands()  # in the waiting queue, not yet scheduled: still counted
     with pytest.raises(QueueFull, match="max_waiting=3"):

@@ -243,3 +243,23 @@ def test_the_models_template_is_rendered_without_jinja(real_tokenizer, monkeypat
     monkeypatch.setattr(tokenizer_module, "_compile_template", no_jinja)
     assert real_tokenizer.apply_chat_template(FRANCE).startswith(
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_a_long_text_encodes_the_same_through_the_batch_call(real_tokenizer):
+    """Texts over LONG_TEXT_CHARS go through the tokenizer's batch call (it releases the GIL);
+    the ids are those of the single call, special tokens included."""
+    from engine.tokenizer import LONG_TEXT_CHARS
+
+    text = ("Über 3 ½ dragons <|im_start|> sailed\n\t  west; 日本語 — " * 700)[: LONG_TEXT_CHARS + 999]
+    assert len(text) > LONG_TEXT_CHARS
+    ids = real_tokenizer.encode(text)
+    assert ids == real_tokenizer._hf.encode(text, add_special_tokens=False).ids
+
+
+def test_no_token_covers_more_characters_than_max_token_chars(real_tokenizer):
+    """The bound the server uses to refuse, without encoding, a text that cannot fit the context."""
+    tok = real_tokenizer
+    text = " " * 5000 + "a" * 3000 + "\n" * 2000
+    ids = tok.encode(text)
+    assert len(ids) * tok.max_token_chars >= len(text)
+    assert all(len(tok.token_bytes(i)) <= tok.max_token_chars for i in ids)

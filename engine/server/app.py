@@ -140,6 +140,7 @@ class ModelRuntime:
         self._on_step = None
         self.error: BaseException | None = None
         self.loaded = threading.Event()
+        self._stopping = False  # set by stop(); a model still loading then never starts serving
         self.load_seconds = 0.0
         self._thread: threading.Thread | None = None
 
@@ -211,13 +212,17 @@ class ModelRuntime:
             self.loaded.set()
             return
         self.loaded.set()
-        self.scheduler.run()
+        if not self._stopping:
+            self.scheduler.run()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread. One still loading the model is not waited for (loading cannot
+        be interrupted; the thread is a daemon and never starts serving)."""
+        self._stopping = True
         if self.scheduler is not None:
             self.scheduler._stop = True
             self.scheduler._wake.set()
-        if self._thread is not None:
+        if self._thread is not None and self.scheduler is not None:
             self._thread.join(timeout)
         if self.publisher is not None:
             self.publisher.close()
@@ -269,13 +274,22 @@ class WaferServer:
         reflection.enable_server_reflection(names, server)
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        where = f"{self.options.host}:{self.options.port}"
+        try:
+            self.port = server.add_insecure_port(where)
+        except RuntimeError as e:  # grpcio raises this when the address is taken
+            raise OSError(f"cannot bind the gRPC port {where} (in use?): {e}") from None
         if self.port == 0:
-            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
+            raise OSError(f"cannot bind the gRPC port {where}")
         await server.start()
         self.grpc_server = server
         if self.metrics is not None:
-            self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
+            try:
+                self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
+            except OSError as e:
+                await server.stop(0)
+                raise OSError(f"cannot bind the metrics port {self.options.host}:{self.options.metrics_port}: "
+                              f"{e.strerror or e}") from None
         log.info("listening on %s (metrics %s); loading %d model(s)", self.address,
                  f"http://{self.options.host}:{self.metrics_port}/metrics" if self.metrics else "off",
                  len(self.runtimes))
@@ -289,16 +303,21 @@ class WaferServer:
             if n:
                 log.info("%d streaming threads (event loop, publisher, gRPC's) run under SCHED_RR", n)
 
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until every model is loaded and warmed; then health says SERVING."""
-        t0 = time.monotonic()
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until every model is loaded and warmed; then health says SERVING. False (and
+        still NOT_SERVING) when the server started draining first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for rt in self.runtimes.values():
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
-            ok = await asyncio.to_thread(rt.loaded.wait, left)
-            if not ok:
-                raise TimeoutError(f"model {rt.entry.name!r} not loaded within {timeout} s")
+            while not rt.loaded.is_set():
+                if self.draining:
+                    return False
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"model {rt.entry.name!r} not loaded within {timeout} s")
+                await asyncio.sleep(0.05)
             if rt.error is not None:
                 raise RuntimeError(f"model {rt.entry.name!r} failed to load: {rt.error}") from rt.error
+        if self.draining:
+            return False
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         for rt in self.runtimes.values():
@@ -308,6 +327,7 @@ class WaferServer:
                      if rt.emulator else "")
         log.info("ready: serving %s on %s", ", ".join(e.name for e in self.registry.served()),
                  self.address)
+        return True
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting, let running streams finish within the grace period, then end them
@@ -364,12 +384,12 @@ async def serve(registry: Registry, options: ServerOptions, ready_file: str | No
         loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s", signal.Signals(s).name),
                                                     asyncio.ensure_future(server.drain())))
     try:
-        await server.wait_ready()
+        ready = await server.wait_ready()
     except (RuntimeError, TimeoutError) as e:
         log.error("%s", e)
         await server.stop()
         return 1
-    if ready_file:
+    if ready and ready_file:
         with open(ready_file, "w") as f:
             f.write(f"{server.port} {server.metrics_port}\n")
     await server.wait_stopped()

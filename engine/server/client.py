@@ -21,6 +21,7 @@ Sessions keep the conversation's KV cache on the server between turns::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import sys
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from protos import wafer_pb2 as pb
 from protos import wafer_pb2_grpc as pb_grpc
@@ -94,16 +96,29 @@ def _tokens(c: pb.TokenChunk, received_ns: int) -> list[Token]:
     return out
 
 
+_INT_RANGES = {
+    FieldDescriptor.TYPE_UINT32: "[0, 2^32)", FieldDescriptor.TYPE_UINT64: "[0, 2^64)",
+    FieldDescriptor.TYPE_INT32: "[-2^31, 2^31)", FieldDescriptor.TYPE_INT64: "[-2^63, 2^63)",
+}
+
+
 def sampling(**kw) -> pb.SamplingParams:
-    """Build SamplingParams from keyword arguments; None leaves a field at the server default."""
+    """Build SamplingParams from keyword arguments; None leaves a field at the server default.
+    A value the field's type cannot hold raises ValueError naming the field and its range (the
+    server checks the rest)."""
     sp = pb.SamplingParams()
     for k, v in kw.items():
         if v is None:
             continue
-        if k in ("stop", "stop_token_ids"):
-            getattr(sp, k).extend(v)
-        else:
-            setattr(sp, k, v)
+        try:
+            if k in ("stop", "stop_token_ids"):
+                getattr(sp, k).extend(v)
+            else:
+                setattr(sp, k, v)
+        except (ValueError, TypeError) as e:
+            field = sp.DESCRIPTOR.fields_by_name[k]
+            limit = _INT_RANGES.get(field.type)
+            raise ValueError(f"{k}={v!r} must be in {limit}" if limit else f"{k}={v!r}: {e}") from None
     return sp
 
 
@@ -170,9 +185,10 @@ class WaferClient:
             time.sleep(0.1)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None,
-                 **kw) -> Iterator[Token | Completion]:
-        """Yield Token objects as they stream, then one Completion. Raises grpc.RpcError."""
-        call = self.stub.Generate(generate_request(prompt, **kw), timeout=timeout or self.timeout)
+                 request: pb.GenerateRequest | None = None, **kw) -> Iterator[Token | Completion]:
+        """Yield Token objects as they stream, then one Completion (pass the keyword arguments
+        of ``generate_request``, or a ready ``request``). Raises grpc.RpcError."""
+        call = self.stub.Generate(request or generate_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
             for resp in call:
                 now = time.monotonic_ns()
@@ -217,12 +233,32 @@ class SessionError(Exception):
         self.message = message
 
 
+def _turn_request(session, prompt, messages, token_ids, coalesce, turn_id, sampling_kw) -> pb.Turn:
+    session._n += 1
+    t = pb.Turn(turn_id=turn_id or f"t{session._n}", coalesce_tokens=coalesce,
+                sampling=sampling(**sampling_kw))
+    _input(t, prompt, messages, token_ids)
+    return t
+
+
+def _belongs_to_abandoned(session, resp) -> bool:
+    """Whether a Session response is what is left of a turn the client gave up on (skipped)."""
+    if resp.turn_id not in session._abandoned:
+        return False
+    if resp.WhichOneof("kind") in ("final", "error"):  # that turn has ended
+        session._abandoned.discard(resp.turn_id)
+    return True
+
+
 def _session_items(session, resp) -> tuple[list, bool]:
     """What one Session response means for the turn in progress: its tokens, or its final
-    Completion (done=True); an error or a server-side close raises SessionError."""
+    Completion (done=True); an error or a server-side close ends the turn and raises
+    SessionError."""
     kind = resp.WhichOneof("kind")
     if kind == "chunk":
         return list(_tokens(resp.chunk, time.monotonic_ns())), False
+    if kind in ("final", "error", "closed"):
+        session._current = None
     if kind == "final":
         return [_final(resp.final)], True
     if kind == "error":
@@ -244,7 +280,10 @@ class SyncSession:
         self.session_id = first.opened.session_id
         self.model = first.opened.model
         self._n = 0
+        self._current: str | None = None  # the turn being read, until its final or error
+        self._abandoned: set[str] = set()  # turns given up on whose end has not arrived yet
         self.closed_reason = ""
+        self.trailing_metadata: dict[str, str] = {}  # once closed
 
     def __enter__(self):
         return self
@@ -254,16 +293,29 @@ class SyncSession:
 
     def turn(self, prompt: str | None = None, *, messages=None, token_ids=None, coalesce: int = 1,
              turn_id: str | None = None, **sampling_kw) -> Iterator[Token | Completion]:
-        self._n += 1
-        tid = turn_id or f"t{self._n}"
-        t = pb.Turn(turn_id=tid, coalesce_tokens=coalesce, sampling=sampling(**sampling_kw))
-        _input(t, prompt, messages, token_ids)
+        """Send a turn and yield its tokens, then its Completion. Stopping early (``break``) or
+        starting the next turn before this one ended cancels it; what the server still sends
+        for it is skipped, so a turn only ever yields its own tokens."""
+        t = _turn_request(self, prompt, messages, token_ids, coalesce, turn_id, sampling_kw)
+        self._give_up_current()
         self._out.put(pb.SessionRequest(turn=t))
-        for resp in self._call:
-            items, done = _session_items(self, resp)
-            yield from items
-            if done:
-                return
+        self._current = t.turn_id
+        try:
+            for resp in self._call:
+                if _belongs_to_abandoned(self, resp):
+                    continue
+                items, done = _session_items(self, resp)
+                yield from items
+                if done:
+                    return
+        finally:
+            self._give_up_current()
+
+    def _give_up_current(self) -> None:
+        if self._current is not None:
+            self._abandoned.add(self._current)
+            self.cancel(self._current)
+            self._current = None
 
     def say(self, content: str, **kw) -> tuple[str, Completion]:
         """One chat turn (a user message); returns the reply text and its Completion."""
@@ -289,6 +341,7 @@ class SyncSession:
                     self.closed_reason = resp.closed.reason
         except grpc.RpcError:
             pass
+        self.trailing_metadata = _md(self._call)  # e.g. a deprecated model's
         self._call = None
 
 
@@ -360,6 +413,10 @@ class AsyncSession:
         self._call = client.stub.Session(timeout=client.timeout)
         self._open_req = pb.SessionRequest(open=pb.SessionOpen(model=model, idle_timeout_s=idle_timeout_s))
         self._n = 0
+        self._current: str | None = None
+        self._abandoned: set[str] = set()
+        self._writing = asyncio.Lock()
+        self.trailing_metadata: dict[str, str] = {}  # once closed
         self.session_id = ""
         self.model = ""
         self.closed_reason = ""
@@ -379,20 +436,37 @@ class AsyncSession:
 
     async def turn(self, prompt: str | None = None, *, messages=None, token_ids=None, coalesce: int = 1,
                    turn_id: str | None = None, **sampling_kw) -> AsyncIterator[Token | Completion]:
-        self._n += 1
-        tid = turn_id or f"t{self._n}"
-        t = pb.Turn(turn_id=tid, coalesce_tokens=coalesce, sampling=sampling(**sampling_kw))
-        _input(t, prompt, messages, token_ids)
-        await self._call.write(pb.SessionRequest(turn=t))
-        while True:
-            resp = await self._call.read()
-            if resp is grpc.aio.EOF:
-                raise SessionError("CLOSED", "the session stream ended")
-            items, done = _session_items(self, resp)
-            for item in items:
-                yield item
-            if done:
-                return
+        """As SyncSession.turn: a turn left early is cancelled (when the generator is closed, or
+        at the latest when the next turn starts) and only ever yields its own tokens."""
+        t = _turn_request(self, prompt, messages, token_ids, coalesce, turn_id, sampling_kw)
+        await self._give_up_current()
+        await self._write(pb.SessionRequest(turn=t))
+        self._current = t.turn_id
+        try:
+            while True:
+                resp = await self._call.read()
+                if resp is grpc.aio.EOF:
+                    self._current = None
+                    raise SessionError("CLOSED", "the session stream ended")
+                if _belongs_to_abandoned(self, resp):
+                    continue
+                items, done = _session_items(self, resp)
+                for item in items:
+                    yield item
+                if done:
+                    return
+        finally:
+            await self._give_up_current()
+
+    async def _give_up_current(self) -> None:
+        if self._current is not None:
+            self._abandoned.add(self._current)
+            tid, self._current = self._current, None
+            await self.cancel(tid)
+
+    async def _write(self, req) -> None:
+        async with self._writing:  # a generator closed by the loop may cancel while a turn writes
+            await self._call.write(req)
 
     async def say(self, content: str, **kw) -> tuple[str, Completion]:
         parts, done = [], None
@@ -404,17 +478,18 @@ class AsyncSession:
         return "".join(parts), done
 
     async def cancel(self, turn_id: str = "") -> None:
-        await self._call.write(pb.SessionRequest(cancel=pb.CancelTurn(turn_id=turn_id)))
+        await self._write(pb.SessionRequest(cancel=pb.CancelTurn(turn_id=turn_id)))
 
     async def close(self) -> None:
         if self._call is None:
             return
         try:
-            await self._call.write(pb.SessionRequest(close=pb.CloseSession()))
+            await self._write(pb.SessionRequest(close=pb.CloseSession()))
             await self._call.done_writing()
             while (resp := await self._call.read()) is not grpc.aio.EOF:
                 if resp.WhichOneof("kind") == "closed":
                     self.closed_reason = resp.closed.reason
+            self.trailing_metadata = {k: v for k, v in (await self._call.trailing_metadata() or ())}
         except (grpc.RpcError, grpc.aio.UsageError):
             pass
         self._call = None
@@ -423,11 +498,23 @@ class AsyncSession:
 # ------------------------------------------------------------------------------- CLI glue
 
 
+def deprecation_warning(md: dict[str, str], model: str) -> str | None:
+    """The warning a CLI prints for a deprecated model's metadata, or None."""
+    if md.get("wafer-deprecated") != "true":
+        return None
+    msg = f"warning: model {model!r} is deprecated" if model else "warning: the server's default model is deprecated"
+    if md.get("wafer-sunset"):
+        msg += f" and retires on {md['wafer-sunset']}"
+    if md.get("wafer-successor"):
+        msg += f"; use {md['wafer-successor']!r}"
+    return msg
+
+
 def generate_cli_remote(args) -> int:
     """`wafer generate --server HOST:PORT ...`: same output as the local mode."""
     from engine.generate_cli import emit, emit_summary
 
-    kw = dict(model=args.model if args.model != "smollm2-135m" else "", max_tokens=args.max_tokens,
+    kw = dict(model=args.model or "", max_tokens=args.max_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=getattr(args, "min_p", None),
               repetition_penalty=getattr(args, "repetition_penalty", None), seed=args.seed,
@@ -437,13 +524,21 @@ def generate_cli_remote(args) -> int:
     else:
         kw["messages"] = [{"role": "user", "content": args.prompt}]
     try:
+        request = generate_request(**kw)
+    except ValueError as e:  # a value the request's field cannot hold
+        print(f"wafer generate: error: {e}", file=sys.stderr)
+        return 2
+    try:
         with WaferClient(args.server) as client:
-            for item in client.generate(**kw):
+            for item in client.generate(request=request):
                 if isinstance(item, Token):
                     emit(args, item.id, item.text)
                 else:
                     if item.text and not args.json:
                         sys.stdout.write(item.text)
+                    warning = deprecation_warning(item.trailing_metadata, args.model or "")
+                    if warning:
+                        print(f"wafer generate: {warning}", file=sys.stderr)
                     u = item.usage
                     n = u["completion_tokens"]
                     decode_s = u["mean_itl_ms"] * (n - 1) / 1e3
@@ -456,14 +551,26 @@ def generate_cli_remote(args) -> int:
 
 
 def chat_cli(args) -> int:
-    """`wafer chat --server HOST:PORT`: an interactive persistent session (stdin lines)."""
+    """`wafer chat --server HOST:PORT`: an interactive persistent session (stdin lines). A turn
+    the server rejects (e.g. the conversation outgrew the context) is reported and the session
+    goes on; a closed session or a gRPC error ends it."""
     interactive = sys.stdin.isatty()
     kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    try:
+        sampling(**kw)
+    except ValueError as e:
+        print(f"wafer chat: error: {e}", file=sys.stderr)
+        return 2
     try:
         with WaferClient(args.server) as client, client.session(args.model) as s:
             if interactive:
                 print(f"session {s.session_id} with {s.model}; empty line or Ctrl-D to quit",
                       file=sys.stderr)
+            lifecycle = client.get_model(s.model).lifecycle
+            if lifecycle.status == "deprecated":
+                md = {"wafer-deprecated": "true", "wafer-sunset": lifecycle.sunset,
+                      "wafer-successor": lifecycle.successor}
+                print(f"wafer chat: {deprecation_warning(md, s.model)}", file=sys.stderr)
             while True:
                 if interactive:
                     sys.stderr.write("> ")
@@ -474,22 +581,17 @@ def chat_cli(args) -> int:
                 line = line.rstrip("\n")
                 if not line.strip():
                     continue
-                done = None
-                for item in s.turn(messages=[{"role": "user", "content": line}], **kw):
-                    if isinstance(item, Token):
-                        if args.json:
-                            print(json.dumps({"id": item.id, "text": item.text}), flush=True)
-                        else:
-                            sys.stdout.write(item.text)
-                            sys.stdout.flush()
-                    else:
-                        done = item
+                try:
+                    done = _chat_turn(args, s, line, kw)
+                except SessionError as e:
+                    if e.code == "CLOSED":
+                        raise
+                    print(f"wafer chat: turn rejected: {e}", file=sys.stderr)
+                    continue
                 u = done.usage
                 if args.json:
                     print(json.dumps({"finish_reason": done.finish_reason, **u}), flush=True)
                 else:
-                    sys.stdout.write("\n")
-                    sys.stdout.flush()
                     print(f"[{u['completion_tokens']} tokens, {done.finish_reason}; prompt "
                           f"{u['prompt_tokens']} ({u['cached_tokens']} reused); TTFT "
                           f"{u['ttft_ms']:.1f} ms]", file=sys.stderr)
@@ -500,3 +602,20 @@ def chat_cli(args) -> int:
         print(f"wafer chat: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _chat_turn(args, s: SyncSession, line: str, kw: dict) -> Completion:
+    done = None
+    for item in s.turn(messages=[{"role": "user", "content": line}], **kw):
+        if isinstance(item, Token):
+            if args.json:
+                print(json.dumps({"id": item.id, "text": item.text}), flush=True)
+            else:
+                sys.stdout.write(item.text)
+                sys.stdout.flush()
+        else:
+            done = item
+    if not args.json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return done

@@ -108,8 +108,9 @@ class ModelEntry:
         return self.status
 
     def deprecation_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Trailing metadata carried by every response of a deprecated model."""
-        if self.status != DEPRECATED:
+        """Trailing metadata carried by every response of a deprecated model (one past its
+        sunset is retired, and refused with ``retirement_metadata``)."""
+        if self.effective_status() != DEPRECATED:
             return ()
         md = [("wafer-deprecated", "true")]
         if self.sunset:
@@ -119,7 +120,36 @@ class ModelEntry:
         return tuple(md)
 
 
+    def retirement_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata of the FAILED_PRECONDITION refusing a retired model."""
+        md = [("wafer-retired", "true")]
+        if self.sunset:
+            md.append(("wafer-sunset", self.sunset))
+        if self.successor:
+            md.append(("wafer-successor", self.successor))
+        return tuple(md)
+
+
 _ENTRY_FIELDS = {f for f in ModelEntry.__dataclass_fields__}
+# the [server] table: key -> the types its value may have (command-line flags win over these)
+SERVER_KEYS: dict[str, tuple[type, ...]] = {
+    "host": (str,), "port": (int,), "metrics_port": (int,), "grace_s": (int, float),
+    "session_idle_timeout_s": (int, float), "emulate": (str,), "pace": (str,), "threads": (int,),
+    "engine_nice": (int,), "engine_sched_idle": (bool,), "realtime_streaming": (bool,),
+}
+
+
+def _check_server_table(server: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(server) - set(SERVER_KEYS)
+    if unknown:
+        raise RegistryError(f"[server]: unknown keys {sorted(unknown)}; known: {', '.join(SERVER_KEYS)}")
+    for key, value in server.items():
+        types = SERVER_KEYS[key]
+        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+            kind = {(str,): "a string", (int,): "an integer", (int, float): "a number",
+                    (bool,): "true or false"}[types]
+            raise RegistryError(f"[server]: {key}={value!r} must be {kind}")
+    return dict(server)
 
 
 @dataclass
@@ -175,7 +205,7 @@ class Registry:
         if not entries:
             raise RegistryError("the registry lists no models")
         default = data.get("default", entries[0].name)
-        return cls(entries, default, dict(data.get("server", {})))
+        return cls(entries, default, _check_server_table(data.get("server", {})))
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Registry":

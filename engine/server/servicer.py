@@ -24,6 +24,7 @@ import grpc
 from engine import scheduler as sch
 from engine.sampling import SamplingParams
 from engine.server import registry as reg
+from engine.tokenizer import LONG_TEXT_CHARS
 from protos import wafer_pb2 as pb
 from protos import wafer_pb2_grpc as pb_grpc
 
@@ -42,10 +43,11 @@ MAX_QUEUED_TURNS = 4  # session turns sent while one runs wait in order, up to t
 class Invalid(Exception):
     """A request the server refuses; carries the gRPC status code."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, md: tuple = ()):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.md = md  # trailing metadata that goes with the status
 
 
 def _invalid(msg: str) -> Invalid:
@@ -64,18 +66,29 @@ def messages_to_dicts(messages) -> list[dict]:
     return out
 
 
-def prompt_ids(tokenizer, vocab_size: int, which: str | None, msg) -> tuple[list[int], list[dict] | None]:
-    """Token ids for the ``input`` oneof of a GenerateRequest/Turn; also the chat messages."""
+def prompt_ids(tokenizer, vocab_size: int, which: str | None, msg, context_length: int,
+               inputs: str = "messages, text or token_ids") -> tuple[list[int], list[dict] | None]:
+    """Token ids for the ``input`` oneof of a GenerateRequest/Turn; also the chat messages. A
+    text that cannot fit the context is refused before it is encoded (a multi-megabyte text
+    would hold the event loop for seconds)."""
     if which is None:
-        raise _invalid("input: empty prompt; set one of messages, text or token_ids")
+        raise _invalid(f"input: empty prompt; set one of {inputs}")
+    max_chars = context_length * tokenizer.max_token_chars
     if which == "messages":
         msgs = messages_to_dicts(msg.messages.messages)
         if not msgs:
             raise _invalid("messages: empty prompt; give at least one message")
+        chars = sum(len(m["content"]) for m in msgs)
+        if chars > max_chars:
+            raise _invalid(f"messages: {chars} characters of content cannot fit the model's context of "
+                           f"{context_length} tokens (at most {max_chars} characters)")
         return tokenizer.encode_chat(msgs, add_generation_prompt=True), msgs
     if which == "text":
         if not msg.text:
             raise _invalid("text: empty prompt")
+        if len(msg.text) > max_chars:
+            raise _invalid(f"text: {len(msg.text)} characters cannot fit the model's context of "
+                           f"{context_length} tokens (at most {max_chars} characters)")
         return tokenizer.encode(msg.text), None
     ids = list(msg.token_ids.ids)
     if not ids:
@@ -84,6 +97,22 @@ def prompt_ids(tokenizer, vocab_size: int, which: str | None, msg) -> tuple[list
         if not 0 <= t < vocab_size:
             raise _invalid(f"token_ids[{i}]={t} is outside the vocabulary [0, {vocab_size})")
     return ids, None
+
+
+async def prompt_ids_off_loop(tokenizer, vocab_size: int, which: str | None, msg, context_length: int,
+                              **kw) -> tuple[list[int], list[dict] | None]:
+    """``prompt_ids``; a long text or long messages are encoded on a worker thread, so the event
+    loop keeps streaming other requests' tokens meanwhile (the tokenizer releases the GIL for a
+    long text: engine.tokenizer.LONG_TEXT_CHARS)."""
+    if which == "text":
+        chars = len(msg.text)
+    elif which == "messages":
+        chars = sum(len(m.content) for m in msg.messages.messages)
+    else:
+        chars = 0
+    if chars > LONG_TEXT_CHARS:
+        return await asyncio.to_thread(prompt_ids, tokenizer, vocab_size, which, msg, context_length, **kw)
+    return prompt_ids(tokenizer, vocab_size, which, msg, context_length, **kw)
 
 
 def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: int,
@@ -396,7 +425,7 @@ class WaferServicer(pb_grpc.WaferServicer):
         except reg.UnknownModel as e:
             raise Invalid(grpc.StatusCode.NOT_FOUND, str(e)) from None
         except reg.RetiredModel as e:
-            raise Invalid(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            raise Invalid(grpc.StatusCode.FAILED_PRECONDITION, str(e), e.entry.retirement_metadata()) from None
         rt = self.server.runtime_for(entry)
         if self.server.draining:
             raise Invalid(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -406,8 +435,16 @@ class WaferServicer(pb_grpc.WaferServicer):
 
     async def _abort(self, context, e: Invalid, model_name: str = "", md=()) -> None:
         if self.server.metrics is not None:
-            self.server.metrics.request_errors.labels(model_name or "-", e.code.name).inc()
-        await context.abort(e.code, e.message, trailing_metadata=tuple(md))
+            self.server.metrics.request_errors.labels(self._metric_label(model_name), e.code.name).inc()
+        await context.abort(e.code, e.message, trailing_metadata=tuple(md) + tuple(e.md))
+
+    def _metric_label(self, name: str) -> str:
+        """A model's registry name for a metric label: a name no model has is "unknown", so
+        clients cannot create label values (time series) at will."""
+        try:
+            return self.server.registry.lookup(name).name
+        except reg.UnknownModel:
+            return "unknown"
 
     def _deadline_ns(self, context) -> int | None:
         remaining = context.time_remaining()
@@ -428,10 +465,11 @@ class WaferServicer(pb_grpc.WaferServicer):
             if md:
                 context.set_trailing_metadata(md)
             cfg = rt.config
-            ids, _ = prompt_ids(rt.tokenizer, cfg.vocab_size, request.WhichOneof("input"), request)
+            ids, _ = await prompt_ids_off_loop(rt.tokenizer, cfg.vocab_size, request.WhichOneof("input"),
+                                               request, cfg.context_length)
             if len(ids) >= cfg.context_length:
-                raise _invalid(f"prompt of {len(ids)} tokens exceeds the model's context of "
-                               f"{cfg.context_length} tokens")
+                raise _invalid(f"prompt of {len(ids)} tokens leaves no room to generate in the model's "
+                               f"context of {cfg.context_length} tokens (at most {cfg.context_length - 1})")
             params = sampling_params(request.sampling, vocab_size=cfg.vocab_size,
                                      context_length=cfg.context_length, prompt_len=len(ids),
                                      kv_tokens=rt.kv_tokens)
@@ -502,6 +540,7 @@ class WaferServicer(pb_grpc.WaferServicer):
         entry = None
         md: tuple = ()
         conversation: list[dict] = []
+        raw_history = False  # a text or token_ids turn was taken: no chat rendering from then on
         turn_req: sch.Request | None = None
         turn_id = ""
         turn_msgs: list[dict] | None = None
@@ -543,11 +582,15 @@ class WaferServicer(pb_grpc.WaferServicer):
 
             def start_turn(t: pb.Turn) -> pb.SessionResponse | None:
                 """Validate and submit a turn; a SessionResponse carrying the error if refused."""
-                nonlocal turn_req, turn_id, turn_msgs, state
+                nonlocal turn_req, turn_id, turn_msgs, state, raw_history
                 arrival = time.monotonic_ns()
                 try:
                     which = t.WhichOneof("input")
-                    new_ids, new_msgs = prompt_ids(rt.tokenizer, cfg.vocab_size, which, t)
+                    new_ids, new_msgs = prompt_ids(rt.tokenizer, cfg.vocab_size, which, t, cfg.context_length)
+                    if new_msgs is not None and raw_history:
+                        raise _invalid("messages: this session already holds text or token_ids turns, "
+                                       "which a chat template cannot render; continue with text or "
+                                       "token_ids turns, or open a new session for chat messages")
                     if new_msgs is not None:
                         full = rt.tokenizer.encode_chat(conversation + new_msgs, add_generation_prompt=True)
                         prompt, replace, total = full, True, len(full)
@@ -555,8 +598,9 @@ class WaferServicer(pb_grpc.WaferServicer):
                         prompt, replace = new_ids, False
                         total = len(session.tokens) + len(new_ids)
                     if total >= cfg.context_length:
-                        raise _invalid(f"conversation of {total} tokens exceeds the model's context of "
-                                       f"{cfg.context_length} tokens")
+                        raise _invalid(f"conversation of {total} tokens leaves no room to generate in the "
+                                       f"model's context of {cfg.context_length} tokens (at most "
+                                       f"{cfg.context_length - 1})")
                     params = sampling_params(t.sampling, vocab_size=cfg.vocab_size,
                                              context_length=cfg.context_length, prompt_len=total,
                                              kv_tokens=rt.kv_tokens)
@@ -573,6 +617,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                     code = "RESOURCE_EXHAUSTED" if isinstance(e, sch.QueueFull) else "UNAVAILABLE"
                     return pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(code=code, message=str(e)))
                 turn_req, turn_id, turn_msgs = req, t.turn_id, new_msgs
+                raw_history = raw_history or new_msgs is None
                 # the cached count is known once the engine admits the turn (set at its first token)
                 state = StreamState(entry.name, arrival, coalesce, self.server.metrics,
                                     rt.detokenizer(params),
@@ -613,8 +658,10 @@ class WaferServicer(pb_grpc.WaferServicer):
                             rt.scheduler.cancel(turn_req)
                         continue
                     if kind != "turn":
+                        what = f"`{kind}`" if kind else "an empty SessionRequest"
                         yield pb.SessionResponse(error=pb.TurnError(
-                            code="INVALID_ARGUMENT", message=f"unexpected `{kind}` in an open session"))
+                            code="INVALID_ARGUMENT",
+                            message=f"{what} in an open session; send a turn, cancel or close"))
                         continue
                     if busy() or pending:
                         if len(pending) >= MAX_QUEUED_TURNS:
@@ -724,7 +771,8 @@ class WaferServicer(pb_grpc.WaferServicer):
             md = entry.deprecation_metadata()
             if md:
                 context.set_trailing_metadata(md)
-            ids, _ = prompt_ids(rt.tokenizer, rt.config.vocab_size, request.WhichOneof("input"), request)
+            ids, _ = await prompt_ids_off_loop(rt.tokenizer, rt.config.vocab_size, request.WhichOneof("input"),
+                                               request, rt.config.context_length, inputs="messages or text")
         except Invalid as e:
             await self._abort(context, e, request.model, md)
             return
