@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine.server.app import ServerOptions
 from engine.server.client import Completion, SessionError, Token, WaferClient
 from engine.server.registry import ModelEntry, Registry
+from engine.server.servicer import PROBE_CHARS_PER_TOKEN
 from engine.server.testing import ServerThread
 from protos import wafer_pb2 as pb
 
@@ -224,6 +225,10 @@ def test_invalid_inputs(client, server):
     for req in (pb.GenerateRequest(text="y" * (max_chars + 1)), pb.GenerateRequest(
             messages=pb.Messages(messages=[pb.ChatMessage(role="user", content="y" * (max_chars + 1))]))):
         cases.append((req, f"{max_chars + 1} characters"))
+    # under that bound but past PROBE_CHARS_PER_TOKEN per token of context: refused on a prefix
+    text = " ".join(f"w{i % 977}" for i in range(2400))
+    assert CONTEXT * PROBE_CHARS_PER_TOKEN < len(text) <= max_chars
+    cases.append((pb.GenerateRequest(text=text), "alone are"))
     for req, needle in cases:
         with pytest.raises(grpc.RpcError) as e:
             list(client.stub.Generate(req, timeout=10))

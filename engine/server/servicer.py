@@ -38,6 +38,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 ROLES = ("system", "user", "assistant")
 MAX_QUEUED_TURNS = 4  # session turns sent while one runs wait in order, up to this many
+PROBE_CHARS_PER_TOKEN = 8  # a prompt longer than context x this is first checked on a prefix
 
 
 class Invalid(Exception):
@@ -66,29 +67,44 @@ def messages_to_dicts(messages) -> list[dict]:
     return out
 
 
+def _check_fits(tokenizer, what: str, text: str, context_length: int, slack: int = 1) -> None:
+    """Refuse a text that cannot fit the context, encoding at most a bounded prefix of it: beyond
+    ``context * max_token_chars`` characters no tokenization fits; beyond PROBE_CHARS_PER_TOKEN
+    characters per token of context, the token count of a prefix cut before a space or newline
+    decides (words are encoded one by one, so such a prefix has no more tokens than the whole).
+    Encoding competes for the cores with the decode (a 450k-character prompt stalled a running
+    stream ~0.5 s), so a huge prompt must not be encoded whole just to be refused."""
+    n = len(text)
+    max_chars = context_length * tokenizer.max_token_chars
+    if n > max_chars:
+        raise _invalid(f"{what}: {n} characters cannot fit the model's context of {context_length} "
+                       f"tokens (at most {max_chars} characters)")
+    probe = context_length * PROBE_CHARS_PER_TOKEN
+    cut = max(text.rfind(" ", 0, probe), text.rfind("\n", 0, probe)) if n > probe else -1
+    if cut > probe // 2:
+        k = len(tokenizer.encode(text[:cut]))
+        if k > context_length + slack:
+            raise _invalid(f"{what}: more than {context_length} tokens (its first {cut} characters "
+                           f"alone are {k}); the model's context is {context_length} tokens")
+
+
 def prompt_ids(tokenizer, vocab_size: int, which: str | None, msg, context_length: int,
                inputs: str = "messages, text or token_ids") -> tuple[list[int], list[dict] | None]:
     """Token ids for the ``input`` oneof of a GenerateRequest/Turn; also the chat messages. A
-    text that cannot fit the context is refused before it is encoded (a multi-megabyte text
-    would hold the event loop for seconds)."""
+    text that cannot fit the context is refused before it is encoded whole."""
     if which is None:
         raise _invalid(f"input: empty prompt; set one of {inputs}")
-    max_chars = context_length * tokenizer.max_token_chars
     if which == "messages":
         msgs = messages_to_dicts(msg.messages.messages)
         if not msgs:
             raise _invalid("messages: empty prompt; give at least one message")
-        chars = sum(len(m["content"]) for m in msgs)
-        if chars > max_chars:
-            raise _invalid(f"messages: {chars} characters of content cannot fit the model's context of "
-                           f"{context_length} tokens (at most {max_chars} characters)")
+        _check_fits(tokenizer, "messages", "\n".join(m["content"] for m in msgs), context_length,
+                    slack=len(msgs))
         return tokenizer.encode_chat(msgs, add_generation_prompt=True), msgs
     if which == "text":
         if not msg.text:
             raise _invalid("text: empty prompt")
-        if len(msg.text) > max_chars:
-            raise _invalid(f"text: {len(msg.text)} characters cannot fit the model's context of "
-                           f"{context_length} tokens (at most {max_chars} characters)")
+        _check_fits(tokenizer, "text", msg.text, context_length)
         return tokenizer.encode(msg.text), None
     ids = list(msg.token_ids.ids)
     if not ids:
