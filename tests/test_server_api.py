@@ -373,6 +373,21 @@ def test_session_turn_left_early_is_cancelled_and_never_leaks_into_the_next(clie
     assert wait_until(lambda: kv_used(server) == 0)
 
 
+def test_what_is_left_of_an_abandoned_turn_is_skipped_but_not_a_close():
+    from types import SimpleNamespace
+
+    from engine.server.client import _belongs_to_abandoned
+
+    s = SimpleNamespace(_abandoned={"t1"})
+    chunk = pb.SessionResponse(turn_id="t1", chunk=pb.TokenChunk(token_ids=[5]))
+    assert _belongs_to_abandoned(s, chunk) and s._abandoned == {"t1"}
+    assert not _belongs_to_abandoned(s, pb.SessionResponse(turn_id="t2", chunk=pb.TokenChunk()))
+    closed = pb.SessionResponse(turn_id="t1", closed=pb.SessionClosed(reason="shutdown"))
+    assert not _belongs_to_abandoned(s, closed)  # the session's end reaches the current turn
+    assert _belongs_to_abandoned(s, pb.SessionResponse(turn_id="t1", final=pb.Final()))
+    assert s._abandoned == set()  # its final arrived: nothing more to skip
+
+
 def test_session_refuses_chat_messages_after_raw_turns(client):
     """A text or token_ids turn has no chat messages a template could render again: a messages
     turn after one is refused (the session stays open) instead of silently dropping it."""

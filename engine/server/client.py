@@ -242,10 +242,12 @@ def _turn_request(session, prompt, messages, token_ids, coalesce, turn_id, sampl
 
 
 def _belongs_to_abandoned(session, resp) -> bool:
-    """Whether a Session response is what is left of a turn the client gave up on (skipped)."""
-    if resp.turn_id not in session._abandoned:
+    """Whether a Session response is what is left of a turn the client gave up on (skipped; a
+    session-wide `closed` is never skipped, whichever turn it names)."""
+    kind = resp.WhichOneof("kind")
+    if resp.turn_id not in session._abandoned or kind == "closed":
         return False
-    if resp.WhichOneof("kind") in ("final", "error"):  # that turn has ended
+    if kind in ("final", "error"):  # that turn has ended
         session._abandoned.discard(resp.turn_id)
     return True
 

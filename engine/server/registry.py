@@ -110,19 +110,14 @@ class ModelEntry:
     def deprecation_metadata(self) -> tuple[tuple[str, str], ...]:
         """Trailing metadata carried by every response of a deprecated model (one past its
         sunset is retired, and refused with ``retirement_metadata``)."""
-        if self.effective_status() != DEPRECATED:
-            return ()
-        md = [("wafer-deprecated", "true")]
-        if self.sunset:
-            md.append(("wafer-sunset", self.sunset))
-        if self.successor:
-            md.append(("wafer-successor", self.successor))
-        return tuple(md)
-
+        return self._lifecycle_metadata("wafer-deprecated") if self.effective_status() == DEPRECATED else ()
 
     def retirement_metadata(self) -> tuple[tuple[str, str], ...]:
         """Trailing metadata of the FAILED_PRECONDITION refusing a retired model."""
-        md = [("wafer-retired", "true")]
+        return self._lifecycle_metadata("wafer-retired")
+
+    def _lifecycle_metadata(self, flag: str) -> tuple[tuple[str, str], ...]:
+        md = [(flag, "true")]
         if self.sunset:
             md.append(("wafer-sunset", self.sunset))
         if self.successor:
