@@ -75,8 +75,9 @@ class SchedulerConfig:
     prefill_budget_idle: int = 512    # prefill tokens per step while nothing decodes (a burst of
                                       # prompts: until the first of them has its first token); it
                                       # bounds a step, between which cancels and deadlines act
-                                      # (512 prompt tokens take ~1.5 s on 2 cores, prefill is
-                                      # compute-bound well below that, so bigger gains nothing)
+                                      # (512 prompt tokens take ~1.5 s on 2 cores at the start of
+                                      # a prompt, ~5 s at 5k; prefill is compute-bound well below
+                                      # 512, so bigger gains nothing)
     session_idle_timeout_s: float = 300.0
     max_sessions: int = 256
 

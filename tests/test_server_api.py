@@ -302,6 +302,12 @@ def test_tokenize(client, server):
     assert client.tokenize("hello world") == tok.encode("hello world")
     msgs = [{"role": "user", "content": "hi"}]
     assert client.tokenize(messages=msgs) == tok.encode_chat(msgs)
+    text = " ".join(f"w{i}" for i in range(CONTEXT + 100))
+    assert len(tok.encode(text)) > CONTEXT
+    with pytest.raises(grpc.RpcError) as e:  # longer than the context: refused, as in Generate
+        client.tokenize(text)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "text: prompt of" in e.value.details() and f"context of {CONTEXT} tokens" in e.value.details()
 
 
 # ------------------------------------------------------------------------------ sessions
@@ -370,6 +376,15 @@ def test_session_turn_left_early_is_cancelled_and_never_leaks_into_the_next(clie
         tokens, done = split(list(s.turn("short again", max_tokens=2, temperature=0)))
         assert done.finish_reason != "cancelled" and len(tokens) == done.usage["completion_tokens"] <= 2
         assert not s._abandoned  # the given-up turns' finals arrived and were skipped
+        # a stale iterator neither steals the current turn's tokens nor cancels it
+        stale = s.turn("yet another long answer", max_tokens=CONTEXT // 2, temperature=0)
+        next(stale)
+        current = s.turn("short at last", max_tokens=4, temperature=0)
+        first = next(current)
+        assert list(stale) == []  # given up by the new turn: it ends, yielding nothing more
+        stale.close()
+        tokens, done = split([first] + list(current))
+        assert done.finish_reason != "cancelled" and len(tokens) == done.usage["completion_tokens"] <= 4
     assert wait_until(lambda: kv_used(server) == 0)
 
 
@@ -539,6 +554,24 @@ def test_async_client_generate_and_session(server):
                     break  # given up: cancelled, its remaining tokens never reach the next turn
                 reply, d3 = await s.say("third", max_tokens=3, temperature=0)
                 assert d3.finish_reason != "cancelled" and d3.usage["completion_tokens"] <= 3
+                # a stale generator closed late does not cancel the current turn
+                stale = s.turn(messages=[{"role": "user", "content": "long"}], max_tokens=CONTEXT // 2,
+                               temperature=0)
+                await stale.__anext__()
+                current = s.turn(messages=[{"role": "user", "content": "fourth"}], max_tokens=3,
+                                 temperature=0)
+                first = await current.__anext__()
+                await stale.aclose()
+                items = [first] + [item async for item in current]
+                assert items[-1].finish_reason != "cancelled"
+            async with await c.session() as s2:  # left early right before the session closes
+                async for _ in s2.turn("bye", max_tokens=CONTEXT // 2, temperature=0):
+                    break
+            assert not s2._abandoned
+            async with await c.session() as s3:  # a timeout around a turn is the caller's TimeoutError
+                turn = s3.turn("slow", max_tokens=CONTEXT // 2, temperature=0)
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(turn.__anext__(), 0.0001)
             assert s.closed_reason == "client"
         return text
 

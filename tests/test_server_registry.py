@@ -95,6 +95,11 @@ def test_unknown_model_lists_known(registry):
     ({"server": {"port": "5"}, "models": [{"name": "a", "path": "x"}]}, "port='5' must be an integer"),
     ({"server": {"port": True}, "models": [{"name": "a", "path": "x"}]}, "port=True must be an integer"),
     ({"server": {"engine_sched_idle": 1}, "models": [{"name": "a", "path": "x"}]}, "engine_sched_idle=1 must be true or false"),
+    ({"server": {"grace_s": -5}, "models": [{"name": "a", "path": "x"}]}, "grace_s=-5 must be >= 0"),
+    ({"server": {"pace": "fast"}, "models": [{"name": "a", "path": "x"}]}, 'pace=\'fast\' must be "realtime" or "none"'),
+    ({"server": {"port": 70000}, "models": [{"name": "a", "path": "x"}]}, "port=70000 must be in [0, 65535]"),
+    ({"servr": {"port": 1}, "models": [{"name": "a", "path": "x"}]}, "unknown keys ['servr'] at the top level"),
+    ({"server": {"prot": 1}}, "[server]: unknown keys ['prot']"),  # reported before "no models"
 ])
 def test_bad_registries(data, needle):
     with pytest.raises(RegistryError) as e:

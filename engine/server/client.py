@@ -233,6 +233,12 @@ class SessionError(Exception):
         self.message = message
 
 
+@dataclass(eq=False)
+class _OpenTurn:
+    """The turn a session is reading; compared by identity (turn ids may repeat)."""
+    turn_id: str
+
+
 def _turn_request(session, prompt, messages, token_ids, coalesce, turn_id, sampling_kw) -> pb.Turn:
     session._n += 1
     t = pb.Turn(turn_id=turn_id or f"t{session._n}", coalesce_tokens=coalesce,
@@ -282,7 +288,7 @@ class SyncSession:
         self.session_id = first.opened.session_id
         self.model = first.opened.model
         self._n = 0
-        self._current: str | None = None  # the turn being read, until its final or error
+        self._current: _OpenTurn | None = None  # the turn being read, until its final or error
         self._abandoned: set[str] = set()  # turns given up on whose end has not arrived yet
         self.closed_reason = ""
         self.trailing_metadata: dict[str, str] = {}  # once closed
@@ -301,9 +307,12 @@ class SyncSession:
         t = _turn_request(self, prompt, messages, token_ids, coalesce, turn_id, sampling_kw)
         self._give_up_current()
         self._out.put(pb.SessionRequest(turn=t))
-        self._current = t.turn_id
+        mine = self._current = _OpenTurn(t.turn_id)
         try:
-            for resp in self._call:
+            while self._current is mine:  # a later turn may have given this one up
+                resp = next(self._call, None)
+                if resp is None:
+                    raise SessionError("CLOSED", "the session stream ended")
                 if _belongs_to_abandoned(self, resp):
                     continue
                 items, done = _session_items(self, resp)
@@ -311,13 +320,14 @@ class SyncSession:
                 if done:
                     return
         finally:
-            self._give_up_current()
+            if self._current is mine:
+                self._give_up_current()
 
     def _give_up_current(self) -> None:
-        if self._current is not None:
-            self._abandoned.add(self._current)
-            self.cancel(self._current)
-            self._current = None
+        turn, self._current = self._current, None
+        if turn is not None:
+            self._abandoned.add(turn.turn_id)
+            self.cancel(turn.turn_id)
 
     def say(self, content: str, **kw) -> tuple[str, Completion]:
         """One chat turn (a user message); returns the reply text and its Completion."""
@@ -345,6 +355,8 @@ class SyncSession:
             pass
         self.trailing_metadata = _md(self._call)  # e.g. a deprecated model's
         self._call = None
+        self._current = None
+        self._abandoned.clear()
 
 
 # ------------------------------------------------------------------------------- asyncio
@@ -415,7 +427,7 @@ class AsyncSession:
         self._call = client.stub.Session(timeout=client.timeout)
         self._open_req = pb.SessionRequest(open=pb.SessionOpen(model=model, idle_timeout_s=idle_timeout_s))
         self._n = 0
-        self._current: str | None = None
+        self._current: _OpenTurn | None = None
         self._abandoned: set[str] = set()
         self._writing = asyncio.Lock()
         self.trailing_metadata: dict[str, str] = {}  # once closed
@@ -443,9 +455,9 @@ class AsyncSession:
         t = _turn_request(self, prompt, messages, token_ids, coalesce, turn_id, sampling_kw)
         await self._give_up_current()
         await self._write(pb.SessionRequest(turn=t))
-        self._current = t.turn_id
+        mine = self._current = _OpenTurn(t.turn_id)
         try:
-            while True:
+            while self._current is mine:  # a later turn may have given this one up
                 resp = await self._call.read()
                 if resp is grpc.aio.EOF:
                     self._current = None
@@ -458,13 +470,17 @@ class AsyncSession:
                 if done:
                     return
         finally:
-            await self._give_up_current()
+            if self._current is mine:
+                await self._give_up_current()
 
     async def _give_up_current(self) -> None:
-        if self._current is not None:
-            self._abandoned.add(self._current)
-            tid, self._current = self._current, None
-            await self.cancel(tid)
+        turn, self._current = self._current, None
+        if turn is not None and self._call is not None:
+            self._abandoned.add(turn.turn_id)
+            try:  # best effort: the call may have ended (closed, or cancelled with a read)
+                await self.cancel(turn.turn_id)
+            except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                pass
 
     async def _write(self, req) -> None:
         async with self._writing:  # a generator closed by the loop may cancel while a turn writes
@@ -492,9 +508,11 @@ class AsyncSession:
                 if resp.WhichOneof("kind") == "closed":
                     self.closed_reason = resp.closed.reason
             self.trailing_metadata = {k: v for k, v in (await self._call.trailing_metadata() or ())}
-        except (grpc.RpcError, grpc.aio.UsageError):
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass
         self._call = None
+        self._current = None
+        self._abandoned.clear()
 
 
 # ------------------------------------------------------------------------------- CLI glue
@@ -538,14 +556,14 @@ def generate_cli_remote(args) -> int:
                 else:
                     if item.text and not args.json:
                         sys.stdout.write(item.text)
-                    warning = deprecation_warning(item.trailing_metadata, args.model or "")
-                    if warning:
-                        print(f"wafer generate: {warning}", file=sys.stderr)
                     u = item.usage
                     n = u["completion_tokens"]
                     decode_s = u["mean_itl_ms"] * (n - 1) / 1e3
                     tok_s = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
                     emit_summary(args, u["prompt_tokens"], n, u["ttft_ms"], tok_s, item.finish_reason)
+                    warning = deprecation_warning(item.trailing_metadata, args.model or "")
+                    if warning:  # after the text and its summary, on a line of its own
+                        print(f"wafer generate: {warning}", file=sys.stderr)
     except grpc.RpcError as e:
         print(f"wafer generate: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2

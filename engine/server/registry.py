@@ -134,6 +134,18 @@ SERVER_KEYS: dict[str, tuple[type, ...]] = {
 }
 
 
+SERVER_LIMITS = {
+    "port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
+    "metrics_port": (lambda v: -1 <= v <= 65535, "in [-1, 65535] (-1 = off, 0 = any free port)"),
+    "grace_s": (lambda v: v >= 0, ">= 0"),
+    "session_idle_timeout_s": (lambda v: v > 0, "> 0"),
+    "threads": (lambda v: v >= 1, ">= 1"),
+    "engine_nice": (lambda v: 0 <= v <= 19, "in [0, 19]"),
+    "pace": (lambda v: v in ("realtime", "none"), '"realtime" or "none"'),
+}
+TOP_LEVEL_KEYS = ("default", "server", "models")
+
+
 def _check_server_table(server: dict[str, Any]) -> dict[str, Any]:
     unknown = set(server) - set(SERVER_KEYS)
     if unknown:
@@ -144,6 +156,9 @@ def _check_server_table(server: dict[str, Any]) -> dict[str, Any]:
             kind = {(str,): "a string", (int,): "an integer", (int, float): "a number",
                     (bool,): "true or false"}[types]
             raise RegistryError(f"[server]: {key}={value!r} must be {kind}")
+        check = SERVER_LIMITS.get(key)
+        if check is not None and not check[0](value):
+            raise RegistryError(f"[server]: {key}={value!r} must be {check[1]}")
     return dict(server)
 
 
@@ -185,6 +200,11 @@ class Registry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Registry":
+        unknown = set(data) - set(TOP_LEVEL_KEYS)
+        if unknown:
+            raise RegistryError(f"unknown keys {sorted(unknown)} at the top level; known: "
+                                f"{', '.join(TOP_LEVEL_KEYS)}")
+        server = _check_server_table(data.get("server", {}))
         entries = []
         for i, raw in enumerate(data.get("models", [])):
             unknown = set(raw) - _ENTRY_FIELDS
@@ -200,7 +220,7 @@ class Registry:
         if not entries:
             raise RegistryError("the registry lists no models")
         default = data.get("default", entries[0].name)
-        return cls(entries, default, _check_server_table(data.get("server", {})))
+        return cls(entries, default, server)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "Registry":

@@ -481,11 +481,12 @@ class WaferServicer(pb_grpc.WaferServicer):
             if md:
                 context.set_trailing_metadata(md)
             cfg = rt.config
-            ids, _ = await prompt_ids_off_loop(rt.tokenizer, cfg.vocab_size, request.WhichOneof("input"),
-                                               request, cfg.context_length)
+            which = request.WhichOneof("input")
+            ids, _ = await prompt_ids_off_loop(rt.tokenizer, cfg.vocab_size, which, request, cfg.context_length)
             if len(ids) >= cfg.context_length:
-                raise _invalid(f"prompt of {len(ids)} tokens leaves no room to generate in the model's "
-                               f"context of {cfg.context_length} tokens (at most {cfg.context_length - 1})")
+                raise _invalid(f"{which}: prompt of {len(ids)} tokens leaves no room to generate in the "
+                               f"model's context of {cfg.context_length} tokens (at most "
+                               f"{cfg.context_length - 1})")
             params = sampling_params(request.sampling, vocab_size=cfg.vocab_size,
                                      context_length=cfg.context_length, prompt_len=len(ids),
                                      kv_tokens=rt.kv_tokens)
@@ -596,13 +597,14 @@ class WaferServicer(pb_grpc.WaferServicer):
             pending: collections.deque = collections.deque()
             client_done = False
 
-            def start_turn(t: pb.Turn) -> pb.SessionResponse | None:
+            async def start_turn(t: pb.Turn) -> pb.SessionResponse | None:
                 """Validate and submit a turn; a SessionResponse carrying the error if refused."""
                 nonlocal turn_req, turn_id, turn_msgs, state, raw_history
                 arrival = time.monotonic_ns()
                 try:
                     which = t.WhichOneof("input")
-                    new_ids, new_msgs = prompt_ids(rt.tokenizer, cfg.vocab_size, which, t, cfg.context_length)
+                    new_ids, new_msgs = await prompt_ids_off_loop(rt.tokenizer, cfg.vocab_size, which, t,
+                                                                  cfg.context_length)
                     if new_msgs is not None and raw_history:
                         raise _invalid("messages: this session already holds text or token_ids turns, "
                                        "which a chat template cannot render; continue with text or "
@@ -646,7 +648,7 @@ class WaferServicer(pb_grpc.WaferServicer):
             while True:
                 # start queued turns while idle (a refused one reports its error; try the next)
                 while pending and not busy():
-                    refused = start_turn(pending.popleft())
+                    refused = await start_turn(pending.popleft())
                     if refused is not None:
                         yield refused
                 if client_done and not busy():
@@ -688,7 +690,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                         else:
                             pending.append(item.turn)
                         continue
-                    refused = start_turn(item.turn)
+                    refused = await start_turn(item.turn)
                     if refused is not None:
                         yield refused
                     continue
@@ -787,8 +789,12 @@ class WaferServicer(pb_grpc.WaferServicer):
             md = entry.deprecation_metadata()
             if md:
                 context.set_trailing_metadata(md)
-            ids, _ = await prompt_ids_off_loop(rt.tokenizer, rt.config.vocab_size, request.WhichOneof("input"),
-                                               request, rt.config.context_length, inputs="messages or text")
+            which = request.WhichOneof("input")
+            ids, _ = await prompt_ids_off_loop(rt.tokenizer, rt.config.vocab_size, which, request,
+                                               rt.config.context_length, inputs="messages or text")
+            if len(ids) > rt.config.context_length:
+                raise _invalid(f"{which}: prompt of {len(ids)} tokens is longer than the model's context "
+                               f"of {rt.config.context_length} tokens")
         except Invalid as e:
             await self._abort(context, e, request.model, md)
             return
