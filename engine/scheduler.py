@@ -67,6 +67,10 @@ class SchedulerClosed(Exception):
     """The scheduler is draining or stopped and takes no new work (maps to UNAVAILABLE)."""
 
 
+ATTENTION_COST_FACTOR = 3.0  # prefill attention's cost per flop against the weights' matmuls
+                             # (SmolLM2-135M, 2 cores: a 6500-token prompt took 72.7 s, ~3.4x)
+
+
 @dataclass
 class SchedulerConfig:
     max_batch: int = 64               # sequences per decode step (<= the model's max_batch)
@@ -76,8 +80,8 @@ class SchedulerConfig:
                                       # prompts: until the first of them has its first token); it
                                       # bounds a step, between which cancels and deadlines act
                                       # (512 prompt tokens take ~1.5 s on 2 cores at the start of
-                                      # a prompt, ~5 s at 5k; prefill is compute-bound well below
-                                      # 512, so bigger gains nothing)
+                                      # a prompt; fewer deeper in, see _chunk_at; prefill is
+                                      # compute-bound well below 512, so bigger gains nothing)
     session_idle_timeout_s: float = 300.0
     max_sessions: int = 256
 
@@ -272,6 +276,12 @@ class Scheduler:
     ):
         self.model = model
         self.cfg = config or SchedulerConfig()
+        # a prompt token's prefill cost grows with its position (attention over what came
+        # before): relative to the weights' 2 flops per parameter, 4 per head dimension per
+        # earlier position and layer, ATTENTION_COST_FACTOR times dearer per flop
+        c = model.config
+        self._attn_per_pos = (ATTENTION_COST_FACTOR * 4 * c.n_layers * c.n_heads * c.head_dim
+                              / (2 * max(1, c.n_params)))
         self.cfg.max_batch = min(self.cfg.max_batch, getattr(model, "max_batch", self.cfg.max_batch))
         self._publish = publish or _default_publish
         self._outbox: list = []
@@ -803,6 +813,12 @@ class Scheduler:
 
     # ---------------------------------------------------------------- prefill
 
+    def _chunk_at(self, start: int) -> int:
+        """The most prompt tokens from position ``start`` on that cost about as much as
+        prefill_budget_idle tokens at the start of a prompt (so a step deep into a long prompt
+        is no longer than one at its beginning: cancels and deadlines wait for a step)."""
+        return max(16, int(self.cfg.prefill_budget_idle / (1.0 + self._attn_per_pos * start)))
+
     def _prefill(self, items: list, decoding: bool) -> int:
         self._prefill_ns_prev = 0
         if not self._n_partial and not self.waiting:
@@ -819,9 +835,10 @@ class Scheduler:
             else:
                 break
             remaining = seq.n_tokens - seq.num_computed
-            if remaining > budget and done:
+            limit = min(budget, self._chunk_at(seq.num_computed))
+            if remaining > limit and done:
                 break  # split only the first prefill of a step: a short prompt is never cut in two
-            n = min(remaining, budget)
+            n = min(remaining, limit)
             if not self._ensure_blocks(seq, seq.num_computed + n):
                 if seq in self.waiting and self._evict_idle_session():
                     if not self._ensure_blocks(seq, seq.num_computed + n):

@@ -159,6 +159,22 @@ def test_an_idle_engine_prefills_a_long_prompt_in_bounded_steps(path):
     assert final.reason == FINISH_CANCELLED and sched.allocator.num_used == 0
 
 
+def test_prefill_steps_shrink_as_attention_grows_deeper_into_a_prompt(path):
+    """Each step of a long prompt's prefill holds about the same work: fewer tokens the deeper
+    they sit (attention over all earlier positions), so no step is much longer than the first."""
+    sched, events = make(path)
+    calls = []
+    prefill = sched.model.prefill
+    sched.model.prefill = lambda toks, table, start: calls.append((len(toks), start)) or prefill(toks, table, start)
+    long = Request(list(range(1, 300)) * 3, greedy(2))  # 897 tokens
+    sched.submit(long)
+    run(sched)
+    sizes = [n for n, _ in calls]
+    assert sum(sizes) == 897 and sizes[0] == sched.cfg.prefill_budget_idle
+    assert all(n == min(897 - start, sched._chunk_at(start)) for n, start in calls)
+    assert all(a >= b for a, b in zip(sizes, sizes[1:-1])) and sizes[1] < sizes[0]
+
+
 def test_a_short_prompt_is_not_split_across_steps(path):
     """While others decode the prefill budget is small; the second prompt of a step that does not
     fit what is left of it waits for the next step instead of being cut in two."""
