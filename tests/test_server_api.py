@@ -825,3 +825,15 @@ def test_drain_while_the_model_loads_does_not_wait_for_it(model_path, monkeypatc
     finally:
         gate.set()
         srv.stop()
+
+
+def test_word_boundaries_for_the_prompt_probe():
+    """Where a huge prompt may be cut to count a prefix's tokens: only where a tokenizer surely
+    starts a new piece, so the prefix never has more tokens than the whole."""
+    from engine.server.servicer import _word_boundary_before as cut
+
+    assert cut("abc def ghi", 10) == 7          # before whitespace
+    assert cut("abcde,fghij", 8) == 5            # before punctuation that follows a letter
+    assert cut("12345678", 7) == 7               # digits: split singly or grouped from the left
+    assert cut("abcdefghij", 9) == -1            # one giant word: nowhere safe
+    assert cut("ab,,,,,,,,", 9) == -1            # inside a punctuation run: no (2 is below end/2)

@@ -70,8 +70,8 @@ def messages_to_dicts(messages) -> list[dict]:
 def _check_fits(tokenizer, what: str, text: str, context_length: int, slack: int = 1) -> None:
     """Refuse a text that cannot fit the context, encoding at most a bounded prefix of it: beyond
     ``context * max_token_chars`` characters no tokenization fits; beyond PROBE_CHARS_PER_TOKEN
-    characters per token of context, the token count of a prefix cut before a space or newline
-    decides (words are encoded one by one, so such a prefix has no more tokens than the whole).
+    characters per token of context, the token count of a prefix cut at a word boundary decides
+    (words are encoded one by one, so such a prefix has no more tokens than the whole).
     Encoding competes for the cores with the decode (a 450k-character prompt stalled a running
     stream ~0.5 s), so a huge prompt must not be encoded whole just to be refused."""
     n = len(text)
@@ -80,12 +80,24 @@ def _check_fits(tokenizer, what: str, text: str, context_length: int, slack: int
         raise _invalid(f"{what}: {n} characters cannot fit the model's context of {context_length} "
                        f"tokens (at most {max_chars} characters)")
     probe = context_length * PROBE_CHARS_PER_TOKEN
-    cut = max(text.rfind(" ", 0, probe), text.rfind("\n", 0, probe)) if n > probe else -1
-    if cut > probe // 2:
+    cut = _word_boundary_before(text, probe) if n > probe else -1
+    if cut > 0:
         k = len(tokenizer.encode(text[:cut]))
         if k > context_length + slack:
             raise _invalid(f"{what}: more than {context_length} tokens (its first {cut} characters "
                            f"alone are {k}); the model's context is {context_length} tokens")
+
+
+def _word_boundary_before(text: str, end: int) -> int:
+    """The last index in (end/2, end] where a tokenizer's pre-split starts a new piece for sure
+    (whitespace; punctuation after a letter or digit; a digit after anything, as digits are split
+    singly or in groups from the left), or -1: a prefix cut there encodes to no more tokens than
+    the whole text. -1 for a run of letters (one giant word, CJK without punctuation)."""
+    for i in range(end, end // 2, -1):
+        c, prev = text[i], text[i - 1]
+        if c.isspace() or c.isdigit() or (not c.isalnum() and prev.isalnum()):
+            return i
+    return -1
 
 
 def prompt_ids(tokenizer, vocab_size: int, which: str | None, msg, context_length: int,
