@@ -506,6 +506,16 @@ def test_metrics_move(client, server):
     errors = {k: v for k, v in _scrape(server.metrics_url).items() if k.startswith("wafer_request_errors_total")}
     assert errors['wafer_request_errors_total{code="NOT_FOUND",model_name="unknown"}'] >= 2
     assert not any("nope" in k or "passwd" in k for k in errors)
+    # calls that end before their final - a deadline, a client that stops reading - are counted
+    key = 'wafer_request_errors_total{code="%s",model_name="tiny"}'
+    before = _scrape(server.metrics_url)
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate("slow", max_tokens=CONTEXT - 10, temperature=0, timeout=0.15))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in client.generate("left", max_tokens=CONTEXT // 2, temperature=0):
+        break
+    grew = lambda code: _scrape(server.metrics_url).get(key % code, 0) > before.get(key % code, 0)  # noqa
+    assert wait_until(lambda: grew("DEADLINE_EXCEEDED") and grew("CANCELLED"))
 
 
 def test_health_transitions(model_path):

@@ -79,6 +79,9 @@ def serve_cmd(args: argparse.Namespace) -> int:
         engine_sched_idle=bool(pick(args.engine_sched_idle, "engine_sched_idle", False)),
         realtime_streaming=bool(pick(args.realtime_streaming, "realtime_streaming", False)),
     )
+    if args.pace is not None and not options.emulate and not any(e.emulate for e in registry.served()):
+        print("wafer serve: warning: --pace has no effect without --emulate (or a model's emulate)",
+              file=sys.stderr)
     from engine.fetch import ModelNotFound, resolve_model
 
     for e in registry.served():

@@ -466,6 +466,15 @@ class WaferServicer(pb_grpc.WaferServicer):
             self.server.metrics.request_errors.labels(self._metric_label(model_name), e.code.name).inc()
         await context.abort(e.code, e.message, trailing_metadata=tuple(md) + tuple(e.md))
 
+    def _count_abandoned(self, context, model_name: str) -> None:
+        """A request whose call ended before its final (gRPC's own deadline, a cancel, a
+        disconnect) is counted as an error under the status the client saw."""
+        if self.server.metrics is None:
+            return
+        left = context.time_remaining()
+        code = "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+        self.server.metrics.request_errors.labels(self._metric_label(model_name), code).inc()
+
     def _metric_label(self, name: str) -> str:
         """A model's registry name for a metric label: a name no model has is "unknown", so
         clients cannot create label values (time series) at will."""
@@ -547,6 +556,7 @@ class WaferServicer(pb_grpc.WaferServicer):
             self.active_streams -= 1
             if not req.done:  # client went away (cancel, disconnect, deadline): free its blocks
                 rt.scheduler.cancel(req)
+                self._count_abandoned(context, name)
 
     # ---------------------------------------------------------------- Session
 
@@ -756,6 +766,7 @@ class WaferServicer(pb_grpc.WaferServicer):
             if rt is not None and session is not None:
                 if turn_req is not None and not turn_req.done:
                     rt.scheduler.cancel(turn_req)
+                    self._count_abandoned(context, entry.name)
                 rt.scheduler.close_session(session, "client")
 
     # ---------------------------------------------------------------- models
