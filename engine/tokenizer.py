@@ -26,8 +26,6 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 # llama.cpp token types (enum llama_token_type)
-LONG_TEXT_CHARS = 16_384  # above this, encode() lets other threads run meanwhile
-
 TOKEN_NORMAL = 1
 TOKEN_UNKNOWN = 2
 TOKEN_CONTROL = 3
@@ -36,6 +34,7 @@ TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
 PIECE_CACHE_SIZE = 1024  # chat pieces (a message with its role header) kept encoded
+LONG_TEXT_CHARS = 16_384  # above this, encode() lets other threads run meanwhile
 
 # SmolLM2-Instruct's template, as its GGUF carries it: ChatML, with a default system prompt when
 # the conversation has none. Also used when a GGUF carries no chat template.

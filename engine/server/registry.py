@@ -132,9 +132,7 @@ SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "session_idle_timeout_s": (int, float), "emulate": (str,), "pace": (str,), "threads": (int,),
     "engine_nice": (int,), "engine_sched_idle": (bool,), "realtime_streaming": (bool,),
 }
-
-
-SERVER_LIMITS = {
+SERVER_LIMITS = {  # key -> (check, what it must be)
     "port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
     "metrics_port": (lambda v: -1 <= v <= 65535, "in [-1, 65535] (-1 = off, 0 = any free port)"),
     "grace_s": (lambda v: v >= 0, ">= 0"),
