@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 
 import pytest
 
@@ -100,6 +102,22 @@ def test_unknown_model_lists_known(registry):
     ({"server": {"port": 70000}, "models": [{"name": "a", "path": "x"}]}, "port=70000 must be in [0, 65535]"),
     ({"servr": {"port": 1}, "models": [{"name": "a", "path": "x"}]}, "unknown keys ['servr'] at the top level"),
     ({"server": {"prot": 1}}, "[server]: unknown keys ['prot']"),  # reported before "no models"
+    # a model entry's values: types and limits (max_batch=0 crashed the server in its kernels)
+    ({"models": [{"name": "a", "path": "x", "max_batch": 0}]}, "max_batch=0 must be in [1, 1024]"),
+    ({"models": [{"name": "a", "path": "x", "max_batch": "8"}]}, "max_batch='8' must be an integer"),
+    ({"models": [{"name": "a", "path": "x", "max_waiting": -1}]}, "max_waiting=-1 must be >= 0"),
+    ({"models": [{"name": "a", "path": "x", "prefill_chunk": 0}]}, "prefill_chunk=0 must be >= 1"),
+    ({"models": [{"name": "a", "path": "x", "block_size": 24}]}, "block_size=24 must be a multiple of 16"),
+    ({"models": [{"name": "a", "path": "x", "pace": "fast"}]}, "pace='fast' must be"),
+    ({"models": [{"name": 5, "path": "x"}]}, "models[0]: name=5 must be a string"),
+    ({"models": [{"name": " ", "path": "x"}]}, "name=' ' must be a non-empty string"),
+    ({"models": [{"name": "a", "path": "x", "aliases": "sm"}]}, "aliases='sm' must be a list"),
+    ({"models": [{"name": "a", "path": "x", "status": "deprecated", "sunset": 20270630}]},
+     "sunset=20270630 must be a date"),
+    ({"models": 3}, "models must be an array of tables"),
+    ({"default": 5, "models": [{"name": "a", "path": "x"}]}, "default=5 must be a string"),
+    ({"models": [{"name": "a", "path": "x"}, {"name": "b", "status": "retired", "successor": "b"}]},
+     "successor 'b' is the model itself"),
 ])
 def test_bad_registries(data, needle):
     with pytest.raises(RegistryError) as e:
@@ -116,3 +134,24 @@ def test_server_table_takes_numbers_for_seconds(registry):
 def test_builtin_default():
     r = Registry.builtin()
     assert r.lookup("").name == "smollm2-135m" and r.lookup("smollm2").path == "smollm2-135m"
+
+
+def test_serve_refuses_a_registry_with_nothing_to_serve(tmp_path):
+    """Only retired models (or deprecated ones past their sunset): an error, not a server that
+    says it is ready and serves nothing (a subprocess: that server would never return)."""
+    f = tmp_path / "registry.toml"
+    f.write_text('[[models]]\nname = "old"\npath = "x"\nstatus = "deprecated"\nsunset = 2001-01-01\n'
+                 '[[models]]\nname = "older"\nstatus = "retired"\nsuccessor = "old"\n')
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--config", str(f), "--port", "0",
+                          "--metrics-port", "-1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "every model in the registry is retired" in out.stderr and "old, older" in out.stderr
+
+
+def test_serve_names_a_malformed_value(tmp_path, capsys):
+    from engine.cli import main
+
+    f = tmp_path / "registry.toml"
+    f.write_text('[[models]]\nname = "a"\npath = "x"\nmax_batch = 0\n')
+    assert main(["serve", "--config", str(f), "--port", "0", "--metrics-port", "-1"]) == 2
+    assert "max_batch=0 must be in [1, 1024]" in capsys.readouterr().err

@@ -63,6 +63,10 @@ def serve_cmd(args: argparse.Namespace) -> int:
     except (RegistryError, OSError) as e:
         print(f"wafer serve: error: {e}", file=sys.stderr)
         return 2
+    if not registry.served():
+        print(f"wafer serve: error: every model in the registry is retired (or past its sunset): "
+              f"{', '.join(registry.names())}; nothing to serve", file=sys.stderr)
+        return 2
     conf = registry.server
     pick = lambda flag, key, default: flag if flag is not None else conf.get(key, default)  # noqa: E731
     metrics_port = pick(args.metrics_port, "metrics_port", 9400)

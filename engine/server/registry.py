@@ -125,7 +125,27 @@ class ModelEntry:
         return tuple(md)
 
 
-_ENTRY_FIELDS = {f for f in ModelEntry.__dataclass_fields__}
+# a [[models]] entry: key -> the types its value may have, and the limits of the numbers (a
+# max_batch of 0 reached the kernels and crashed the process; a string alias was split into letters)
+ENTRY_KEYS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "path": (str,), "aliases": (list,), "status": (str,),
+    "sunset": (str, _dt.date), "successor": (str,), "emulate": (str,), "pace": (str,),
+    "max_batch": (int,), "max_waiting": (int,), "kv_blocks": (int,), "block_size": (int,),
+    "prefill_chunk": (int,),
+}
+ENTRY_LIMITS = {  # key -> (check, what it must be)
+    "name": (lambda v: v.strip() != "", "a non-empty string"),
+    "aliases": (lambda v: all(isinstance(a, str) and a.strip() for a in v), "a list of non-empty strings"),
+    "status": (lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}"),
+    "pace": (lambda v: v in ("realtime", "none"), '"realtime" or "none"'),
+    "max_batch": (lambda v: 1 <= v <= 1024, "in [1, 1024]"),
+    "max_waiting": (lambda v: v >= 0, ">= 0"),
+    "kv_blocks": (lambda v: v >= 1, ">= 1"),
+    "block_size": (lambda v: v >= 16 and v % 16 == 0, "a multiple of 16"),
+    "prefill_chunk": (lambda v: v >= 1, ">= 1"),
+}
+_KINDS = {(str,): "a string", (int,): "an integer", (int, float): "a number", (bool,): "true or false",
+          (list,): "a list", (str, _dt.date): "a date (2027-06-30)"}
 # the [server] table: key -> the types its value may have (command-line flags win over these)
 SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "metrics_port": (int,), "grace_s": (int, float),
@@ -148,16 +168,19 @@ def _check_server_table(server: dict[str, Any]) -> dict[str, Any]:
     unknown = set(server) - set(SERVER_KEYS)
     if unknown:
         raise RegistryError(f"[server]: unknown keys {sorted(unknown)}; known: {', '.join(SERVER_KEYS)}")
-    for key, value in server.items():
-        types = SERVER_KEYS[key]
-        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
-            kind = {(str,): "a string", (int,): "an integer", (int, float): "a number",
-                    (bool,): "true or false"}[types]
-            raise RegistryError(f"[server]: {key}={value!r} must be {kind}")
-        check = SERVER_LIMITS.get(key)
-        if check is not None and not check[0](value):
-            raise RegistryError(f"[server]: {key}={value!r} must be {check[1]}")
+    _check_values("[server]", server, SERVER_KEYS, SERVER_LIMITS)
     return dict(server)
+
+
+def _check_values(where: str, table: dict[str, Any], keys: dict, limits: dict) -> None:
+    """Each value of the (known) keys of a table has its type and is within its limits."""
+    for key, value in table.items():
+        types = keys[key]
+        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+            raise RegistryError(f"{where}: {key}={value!r} must be {_KINDS[types]}")
+        check = limits.get(key)
+        if check is not None and not check[0](value):
+            raise RegistryError(f"{where}: {key}={value!r} must be {check[1]}")
 
 
 @dataclass
@@ -187,6 +210,8 @@ class Registry:
         for e in self.entries:
             if e.successor and e.successor not in self._by_name:
                 raise RegistryError(f"model {e.name!r}: successor {e.successor!r} is not in the registry")
+            if e.successor and self._by_name[e.successor] is e:
+                raise RegistryError(f"model {e.name!r}: successor {e.successor!r} is the model itself")
         if self.entries and self.default not in self._by_name:
             raise RegistryError(f"default={self.default!r} is not in the registry")
 
@@ -204,12 +229,19 @@ class Registry:
                                 f"{', '.join(TOP_LEVEL_KEYS)}")
         server = _check_server_table(data.get("server", {}))
         entries = []
-        for i, raw in enumerate(data.get("models", [])):
-            unknown = set(raw) - _ENTRY_FIELDS
+        models = data.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+            raise RegistryError("models must be an array of tables ([[models]] sections)")
+        if not isinstance(data.get("default", ""), str):
+            raise RegistryError(f"default={data['default']!r} must be a string (a model's name)")
+        for i, raw in enumerate(models):
+            unknown = set(raw) - set(ENTRY_KEYS)
             if unknown:
-                raise RegistryError(f"models[{i}]: unknown keys {sorted(unknown)}")
+                raise RegistryError(f"models[{i}]: unknown keys {sorted(unknown)}; known: {', '.join(ENTRY_KEYS)}")
             if "name" not in raw:
                 raise RegistryError(f"models[{i}]: missing name")
+            _check_values(f"models[{i}] ({raw['name']!r})" if isinstance(raw["name"], str) else f"models[{i}]",
+                          raw, ENTRY_KEYS, ENTRY_LIMITS)
             raw = dict(raw)
             raw["aliases"] = tuple(raw.get("aliases", ()))
             if isinstance(raw.get("sunset"), _dt.date):  # TOML dates parse as date objects
