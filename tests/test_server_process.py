@@ -99,6 +99,32 @@ def test_chat_cli_goes_on_after_a_rejected_turn(served):
     assert len([x for x in r.stderr.splitlines() if x.startswith("[")]) == 1
 
 
+def test_chat_cli_ctrl_c_cancels_the_turn_and_goes_on(served):
+    """Ctrl-C while an answer streams cancels that turn on the server; the prompt comes back and
+    the session goes on (a KeyboardInterrupt inside gRPC's read used to end the chat with a
+    traceback)."""
+    _, address, _ = served
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "chat", "--server", address,
+                             "--max-tokens", "1900", "--json"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write("tell me everything\n")
+        proc.stdin.flush()
+        first = proc.stdout.readline()  # the first token of the long answer
+        assert '"id"' in first
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("hello\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    summaries = [json.loads(x) for x in out.splitlines() if "finish_reason" in x]
+    assert [s["finish_reason"] for s in summaries][0] == "cancelled"
+    assert len(summaries) == 2 and summaries[0]["completion_tokens"] < 1900
+    assert summaries[1]["cached_tokens"] > 0  # the same session, its cache kept
+
+
 def test_sigterm_drains_streams_then_exits(served):
     proc, address, log = served
     results = []

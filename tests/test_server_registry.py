@@ -155,3 +155,12 @@ def test_serve_names_a_malformed_value(tmp_path, capsys):
     f.write_text('[[models]]\nname = "a"\npath = "x"\nmax_batch = 0\n')
     assert main(["serve", "--config", str(f), "--port", "0", "--metrics-port", "-1"]) == 2
     assert "max_batch=0 must be in [1, 1024]" in capsys.readouterr().err
+
+
+def test_serve_model_flag_keeps_a_known_models_aliases():
+    """`wafer serve --model smollm2-135m` answers to the alias the README's examples use."""
+    from engine.server.cli import _builtin_entry
+
+    assert _builtin_entry("smollm2-135m").aliases == ("smollm2",)
+    assert _builtin_entry("smollm2").name == "smollm2-135m"
+    assert _builtin_entry("/models/other.gguf") is None

@@ -47,6 +47,15 @@ def add_parsers(sub) -> None:
     c.set_defaults(func=chat_cmd)
 
 
+def _builtin_entry(name: str):
+    from engine.server.registry import Registry, UnknownModel
+
+    try:
+        return Registry.builtin().lookup(name)
+    except UnknownModel:
+        return None
+
+
 def serve_cmd(args: argparse.Namespace) -> int:
     from engine.server.app import ServerOptions, serve
     from engine.server.registry import ModelEntry, Registry, RegistryError
@@ -54,7 +63,9 @@ def serve_cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.model:
+        if args.model and _builtin_entry(args.model):  # a known name keeps its aliases
+            registry = Registry([_builtin_entry(args.model)])
+        elif args.model:
             registry = Registry([ModelEntry(name=args.model, path=args.model)], default=args.model)
         elif args.config:
             registry = Registry.from_toml(args.config)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
@@ -71,16 +73,21 @@ def _usage(u: pb.Usage) -> dict[str, Any]:
     return {f.name: getattr(u, f.name) for f in u.DESCRIPTOR.fields}
 
 
-def _final(f: pb.Final) -> Completion:
+def _final(f: pb.Final, tail: list[str]) -> Completion:
     emu = None
     if f.HasField("emulation"):
         emu = {fd.name: getattr(f.emulation, fd.name) for fd in f.emulation.DESCRIPTOR.fields}
-    return Completion(f.finish_reason, _usage(f.usage), emu)
+    text = "".join(tail)
+    tail.clear()
+    return Completion(f.finish_reason, _usage(f.usage), emu, text)
 
 
-def _tokens(c: pb.TokenChunk, received_ns: int) -> list[Token]:
-    """Split a chunk into tokens; the chunk's text goes with its last token."""
+def _tokens(c: pb.TokenChunk, received_ns: int, tail: list[str]) -> list[Token]:
+    """Split a chunk into tokens; the chunk's text goes with its last token, or to ``tail`` (the
+    Completion's text) when the chunk has no token."""
     n = len(c.token_ids)
+    if n == 0 and c.text:
+        tail.append(c.text)
     out = []
     for i, tid in enumerate(c.token_ids):
         t = Token(tid, c.text if i == n - 1 else "", c.index + i, engine_step_ns=c.engine_step_ns,
@@ -190,12 +197,13 @@ class WaferClient:
         of ``generate_request``, or a ready ``request``). Raises grpc.RpcError."""
         call = self.stub.Generate(request or generate_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
+            tail = []  # text of chunks without tokens (held back until the end)
             for resp in call:
                 now = time.monotonic_ns()
                 if resp.HasField("chunk"):
-                    yield from _tokens(resp.chunk, now)
+                    yield from _tokens(resp.chunk, now, tail)
                 else:
-                    done = _final(resp.final)
+                    done = _final(resp.final, tail)
                     done.trailing_metadata = _md(call)
                     yield done
         finally:
@@ -209,7 +217,7 @@ class WaferClient:
                 parts.append(item.text)
             else:
                 done = item
-        return "".join(parts), done
+        return "".join(parts) + (done.text if done else ""), done
 
     def session(self, model: str = "", idle_timeout_s: int = 0) -> "SyncSession":
         return SyncSession(self, model, idle_timeout_s)
@@ -264,11 +272,11 @@ def _session_items(session, resp) -> tuple[list, bool]:
     SessionError."""
     kind = resp.WhichOneof("kind")
     if kind == "chunk":
-        return list(_tokens(resp.chunk, time.monotonic_ns())), False
+        return _tokens(resp.chunk, time.monotonic_ns(), session._tail), False
     if kind in ("final", "error", "closed"):
         session._current = None
     if kind == "final":
-        return [_final(resp.final)], True
+        return [_final(resp.final, session._tail)], True
     if kind == "error":
         raise SessionError(resp.error.code, resp.error.message)
     if kind == "closed":
@@ -290,6 +298,7 @@ class SyncSession:
         self._n = 0
         self._current: _OpenTurn | None = None  # the turn being read, until its final or error
         self._abandoned: set[str] = set()  # turns given up on whose end has not arrived yet
+        self._tail: list[str] = []  # the current turn's text without tokens (see _tokens)
         self.closed_reason = ""
         self.trailing_metadata: dict[str, str] = {}  # once closed
 
@@ -337,7 +346,7 @@ class SyncSession:
                 parts.append(item.text)
             else:
                 done = item
-        return "".join(parts), done
+        return "".join(parts) + (done.text if done else ""), done
 
     def cancel(self, turn_id: str = "") -> None:
         self._out.put(pb.SessionRequest(cancel=pb.CancelTurn(turn_id=turn_id)))
@@ -382,13 +391,14 @@ class AsyncWaferClient:
                        **kw) -> AsyncIterator[Token | Completion]:
         call = self.stub.Generate(generate_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
+            tail = []
             async for resp in call:
                 now = time.monotonic_ns()
                 if resp.HasField("chunk"):
-                    for t in _tokens(resp.chunk, now):
+                    for t in _tokens(resp.chunk, now, tail):
                         yield t
                 else:
-                    done = _final(resp.final)
+                    done = _final(resp.final, tail)
                     md = await call.trailing_metadata()
                     done.trailing_metadata = {k: v for k, v in (md or ())}
                     yield done
@@ -402,7 +412,7 @@ class AsyncWaferClient:
                 parts.append(item.text)
             else:
                 done = item
-        return "".join(parts), done
+        return "".join(parts) + (done.text if done else ""), done
 
     async def list_models(self) -> list[pb.ModelInfo]:
         return list((await self.stub.ListModels(pb.ListModelsRequest(), timeout=10)).models)
@@ -429,6 +439,7 @@ class AsyncSession:
         self._n = 0
         self._current: _OpenTurn | None = None
         self._abandoned: set[str] = set()
+        self._tail: list[str] = []
         self._writing = asyncio.Lock()
         self.trailing_metadata: dict[str, str] = {}  # once closed
         self.session_id = ""
@@ -493,7 +504,7 @@ class AsyncSession:
                 parts.append(item.text)
             else:
                 done = item
-        return "".join(parts), done
+        return "".join(parts) + (done.text if done else ""), done
 
     async def cancel(self, turn_id: str = "") -> None:
         await self._write(pb.SessionRequest(cancel=pb.CancelTurn(turn_id=turn_id)))
@@ -595,7 +606,10 @@ def chat_cli(args) -> int:
                 if interactive:
                     sys.stderr.write("> ")
                     sys.stderr.flush()
-                line = sys.stdin.readline()
+                try:
+                    line = sys.stdin.readline()
+                except KeyboardInterrupt:  # Ctrl-C at the prompt: leave, closing the session
+                    line = ""
                 if not line or (interactive and not line.strip()):
                     break
                 line = line.rstrip("\n")
@@ -625,16 +639,31 @@ def chat_cli(args) -> int:
 
 
 def _chat_turn(args, s: SyncSession, line: str, kw: dict) -> Completion:
+    """One turn, printed as it streams. Ctrl-C cancels the turn on the server (which ends it
+    with a final, so the session goes on); a second Ctrl-C interrupts as usual. The handler only
+    sends the cancel: a KeyboardInterrupt raised inside gRPC's blocking read would leave the
+    session's stream unusable."""
     done = None
-    for item in s.turn(messages=[{"role": "user", "content": line}], **kw):
-        if isinstance(item, Token):
-            if args.json:
-                print(json.dumps({"id": item.id, "text": item.text}), flush=True)
+
+    def cancel_turn(signum, frame):
+        signal.signal(signal.SIGINT, previous)
+        s.cancel()
+
+    main = threading.current_thread() is threading.main_thread()  # where signals are handled
+    previous = signal.signal(signal.SIGINT, cancel_turn) if main else None
+    try:
+        for item in s.turn(messages=[{"role": "user", "content": line}], **kw):
+            if isinstance(item, Token):
+                if args.json:
+                    print(json.dumps({"id": item.id, "text": item.text}), flush=True)
+                else:
+                    sys.stdout.write(item.text)
+                    sys.stdout.flush()
             else:
-                sys.stdout.write(item.text)
-                sys.stdout.flush()
-        else:
-            done = item
+                done = item
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
     if not args.json:
         sys.stdout.write("\n")
         sys.stdout.flush()

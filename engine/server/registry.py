@@ -49,6 +49,7 @@ from typing import Any
 ACTIVE, DEPRECATED, RETIRED = "active", "deprecated", "retired"
 STATUSES = (ACTIVE, DEPRECATED, RETIRED)
 DEFAULT_MODEL = "smollm2-135m"
+NAME_ECHO_CHARS = 64  # of a client's unknown model name quoted back in an error
 
 
 class RegistryError(ValueError):
@@ -62,7 +63,8 @@ class UnknownModel(KeyError):
         self.known = known
 
     def __str__(self) -> str:
-        return f"model={self.name!r} is not served here; known models: {', '.join(self.known)}"
+        name = self.name if len(self.name) <= NAME_ECHO_CHARS else self.name[:NAME_ECHO_CHARS] + "..."
+        return f"model={name!r} is not served here; known models: {', '.join(self.known)}"
 
 
 class RetiredModel(Exception):

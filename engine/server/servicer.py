@@ -36,6 +36,8 @@ MAX_COALESCE = 256
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
+MAX_STOP_TOKEN_IDS = 256
+DEADLINE_SLACK_S = 0.05  # a call abandoned this close to its deadline counts as DEADLINE_EXCEEDED
 ROLES = ("system", "user", "assistant")
 MAX_QUEUED_TURNS = 4  # session turns sent while one runs wait in order, up to this many
 PROBE_CHARS_PER_TOKEN = 8  # a prompt longer than context x this is first checked on a prefix
@@ -107,6 +109,9 @@ def prompt_ids(tokenizer, vocab_size: int, which: str | None, msg, context_lengt
     if which is None:
         raise _invalid(f"input: empty prompt; set one of {inputs}")
     if which == "messages":
+        if len(msg.messages.messages) > context_length:  # each message renders to a token or more
+            raise _invalid(f"messages: {len(msg.messages.messages)} messages cannot fit the model's "
+                           f"context of {context_length} tokens")
         msgs = messages_to_dicts(msg.messages.messages)
         if not msgs:
             raise _invalid("messages: empty prompt; give at least one message")
@@ -188,6 +193,8 @@ def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: i
             raise _invalid(f"stop[{i}] is empty")
         if len(s) > MAX_STOP_LEN:
             raise _invalid(f"stop[{i}] has {len(s)} characters, limit {MAX_STOP_LEN}")
+    if len(sp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise _invalid(f"stop_token_ids: {len(sp.stop_token_ids)} ids, limit {MAX_STOP_TOKEN_IDS}")
     for i, t in enumerate(sp.stop_token_ids):
         if not 0 <= t < vocab_size:
             raise _invalid(f"stop_token_ids[{i}]={t} is an unknown token id (vocab size {vocab_size})")
@@ -433,6 +440,15 @@ class Publisher:
 # ------------------------------------------------------------------------- servicer
 
 
+def abandoned_status(time_remaining: float | None) -> str:
+    """The status a client saw for a call that ended before its final. A client's own timer
+    usually ends the call first, when the server's copy of the deadline still has a few
+    milliseconds left (it started counting when the request arrived)."""
+    if time_remaining is not None and time_remaining <= DEADLINE_SLACK_S:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
+
+
 _ERROR_FINISH = {
     sch.FINISH_DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
     sch.FINISH_ERROR: grpc.StatusCode.INTERNAL,
@@ -471,8 +487,7 @@ class WaferServicer(pb_grpc.WaferServicer):
         disconnect) is counted as an error under the status the client saw."""
         if self.server.metrics is None:
             return
-        left = context.time_remaining()
-        code = "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+        code = abandoned_status(context.time_remaining())
         self.server.metrics.request_errors.labels(self._metric_label(model_name), code).inc()
 
     def _metric_label(self, name: str) -> str:
@@ -532,6 +547,7 @@ class WaferServicer(pb_grpc.WaferServicer):
         state = StreamState(name, arrival, coalesce, self.server.metrics, rt.detokenizer(params),
                             rt.emulator.stream(arrival, len(ids), 0) if rt.emulator else None)
         self.active_streams += 1
+        ended = False  # the call's end (final or error status) was handed to gRPC
         try:
             while True:
                 _, ev = await q.get()
@@ -544,18 +560,21 @@ class WaferServicer(pb_grpc.WaferServicer):
                 # FinishEvent
                 code = _ERROR_FINISH.get(ev.reason)
                 if code is not None:
+                    ended = True
                     await self._abort(context, Invalid(code, ev.error or f"request {ev.reason}"), name, md)
                     return
                 c = state.flush(ev)
                 if c is not None:
                     await state.before_send(c)
                     yield pb.GenerateResponse(chunk=c)
+                ended = True
                 yield pb.GenerateResponse(final=state.final(ev))
                 return
         finally:
             self.active_streams -= 1
             if not req.done:  # client went away (cancel, disconnect, deadline): free its blocks
                 rt.scheduler.cancel(req)
+            if not ended:  # (the engine may have finished it just before: still not delivered)
                 self._count_abandoned(context, name)
 
     # ---------------------------------------------------------------- Session
@@ -766,6 +785,7 @@ class WaferServicer(pb_grpc.WaferServicer):
             if rt is not None and session is not None:
                 if turn_req is not None and not turn_req.done:
                     rt.scheduler.cancel(turn_req)
+                if state is not None:  # a turn whose end the client did not get
                     self._count_abandoned(context, entry.name)
                 rt.scheduler.close_session(session, "client")
 
@@ -822,5 +842,6 @@ class WaferServicer(pb_grpc.WaferServicer):
             await self._abort(context, e, request.model, md)
             return
         tok = rt.tokenizer
-        pieces = [tok.token_bytes(i).decode("utf-8", errors="replace") for i in ids]
-        return pb.TokenizeResponse(ids=ids, pieces=pieces)
+        raw = [tok.token_bytes(i) for i in ids]
+        pieces = [b.decode("utf-8", errors="replace") for b in raw]
+        return pb.TokenizeResponse(ids=ids, pieces=pieces, piece_bytes=raw)
