@@ -48,8 +48,9 @@ def predict(point: CalibrationPoint, hw: HardwareSpec | None = None) -> dict:
 
 
 def sensitivity(step: float = 0.10) -> list[dict]:
-    """For each assumed constant: raise it by `step` (at least 1 for small integers) and report
-    the relative change in tok/s at each calibration point."""
+    """For each assumed constant: raise it by `step` (integers by at least 1, so a 1-cycle hop
+    latency goes to 2, +100%) and report the step actually taken (`step`) and the relative
+    change in tok/s at each calibration point."""
     rows = []
     base = {pt.model: predict(pt)["tokens_per_s_per_user"] for pt in POINTS}
     for name in ASSUMED:
@@ -58,7 +59,7 @@ def sensitivity(step: float = 0.10) -> list[dict]:
             hw = get_hardware(pt.hardware)
             v = getattr(hw, name)
             new = v * (1 + step) if isinstance(v, float) else max(v + 1, round(v * (1 + step)))
-            row["from"], row["to"] = v, new
+            row["from"], row["to"], row["step"] = v, new, new / v - 1
             tps = predict(pt, dataclasses.replace(hw, **{name: type(v)(new)}))["tokens_per_s_per_user"]
             row[pt.model] = tps / base[pt.model] - 1
         rows.append(row)

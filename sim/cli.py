@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Callable
 
@@ -27,22 +28,24 @@ def add_parsers(subparsers, load_gguf_shape: Callable[[str], ModelShape] | None 
     p = subparsers.add_parser("sim", help="wafer simulator: placement, timing, traces")
     sub = p.add_subparsers(dest="sim_command", required=True)
 
-    def common(sp, context=True):
+    def common(sp, context_default="min(8192, model context)"):
         sp.add_argument("--model", required=True, help="model preset (e.g. llama-3.1-70b) or a .gguf path")
         sp.add_argument("--hw", default="wse3", help="hardware preset (wse3, wse2) or a .toml file with base = ...")
         sp.add_argument("--hw-config", help="TOML file of hardware overrides")
         sp.add_argument("--precision", type=int, choices=(16, 8), default=None,
-                        help="weight bits (default 16 for presets, the file's own for .gguf)")
+                        help="weight bits (default 16 for presets, the file's own for .gguf: "
+                             "5 for Q4_1, 4.5 for Q4_0, 8.5 for Q8_0)")
         sp.add_argument("--wafers", type=int, help="force a wafer count (default: the minimum)")
-        if context:
-            sp.add_argument("--context", type=int, help="context length to reserve KV for "
-                            "(default: min(8192, model context))")
+        if context_default:
+            sp.add_argument("--context", type=int, help="tokens of KV to reserve per sequence "
+                            f"(default: {context_default})")
         sp.set_defaults(load_gguf_shape=load_gguf_shape)
 
     sp = sub.add_parser("plan", help="does it fit, on how many wafers, where does each layer go")
     common(sp)
     sp.add_argument("--batch", type=int, default=1, help="concurrent sequences to reserve KV for")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true",
+                    help="print JSON; pes_per_layer lists the PEs of a layer region per wafer (null: no layer)")
     sp.set_defaults(func=_guard(cmd_plan))
 
     sp = sub.add_parser("plot", help="draw the wafer(s) with each region")
@@ -52,15 +55,15 @@ def add_parsers(subparsers, load_gguf_shape: Callable[[str], ModelShape] | None 
     sp.set_defaults(func=_guard(cmd_plot))
 
     sp = sub.add_parser("run", help="per-token latency, tok/s, pipeline throughput, TTFT")
-    common(sp)
+    common(sp, "prompt + output")
     sp.add_argument("--prompt", type=int, default=512)
     sp.add_argument("--output", type=int, default=256)
-    sp.add_argument("--sequences", type=int, default=1, help="sequences in flight")
+    sp.add_argument("--sequences", type=int, default=1, help="sequences in flight (KV reserved for each)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_guard(cmd_run))
 
     sp = sub.add_parser("sweep", help="tok/s per user, pipeline tok/s and TTFT across contexts and sequence counts")
-    common(sp, context=False)
+    common(sp, context_default=None)
     sp.add_argument("--contexts", default="1024,8192,32768,131072", help="comma-separated context lengths")
     sp.add_argument("--sequences", default="1,4,16,64", help="comma-separated sequence counts")
     sp.add_argument("--prompt", type=int, default=512, help="prompt length for the TTFT column")
@@ -68,15 +71,19 @@ def add_parsers(subparsers, load_gguf_shape: Callable[[str], ModelShape] | None 
     sp.set_defaults(func=_guard(cmd_sweep))
 
     sp = sub.add_parser("trace", help="discrete-event run over a request trace")
-    common(sp)
+    common(sp, "the longest request's prompt + output")
     sp.add_argument("--trace", help="CSV (arrival_us,prompt,output) or JSON trace; default synthetic Poisson")
     sp.add_argument("--requests", type=int, default=100)
     sp.add_argument("--rate", type=float, default=10.0, help="Poisson arrivals per second")
     sp.add_argument("--prompt", type=int, default=512)
     sp.add_argument("--output", type=int, default=256)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--max-in-flight", type=int, default=8, help="sequences holding KV at once")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--max-in-flight", type=int, default=8,
+                    help="sequences holding KV at once (KV is reserved for this many, or for every "
+                         "request if there are fewer)")
+    sp.add_argument("--json", action="store_true",
+                    help="print JSON; per request, arrival_us and departures_us are times from the "
+                         "trace start and ttft_us is the time from arrival to the first token")
     sp.set_defaults(func=_guard(cmd_trace))
 
     sp = sub.add_parser("calibrate", help="predictions at the public calibration points and sensitivities")
@@ -97,6 +104,14 @@ def _guard(fn):
 
 # --- inputs ----------------------------------------------------------------------------------
 
+def _check(args, *names: str) -> None:
+    """--wafers, --context (where the command has them) and `names` must be >= 1 when given."""
+    for name in ("wafers", "context", *names):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise CliError(f"--{name.replace('_', '-')}={v} must be >= 1")
+
+
 def _shape(args) -> ModelShape:
     if args.model.endswith(".gguf"):
         loader = getattr(args, "load_gguf_shape", None)
@@ -104,36 +119,63 @@ def _shape(args) -> ModelShape:
             raise CliError(f"--model {args.model}: reading GGUF headers needs the engine's loader; "
                            f"use a preset or run through the `wafer` CLI")
         shape = loader(args.model)
-        return shape.with_precision(args.precision) if args.precision else shape
-    return get_shape(args.model, args.precision or 16)
+        return shape if args.precision is None else shape.with_precision(args.precision)
+    return get_shape(args.model, 16 if args.precision is None else args.precision)
 
 
 def _hw(args) -> HardwareSpec:
     return get_hardware(args.hw, args.hw_config)
 
 
-def _plan(args, batch: int) -> Plan:
+def _context(args, shape: ModelShape, need: int, what: str) -> int:
+    """--context, or by default `need` tokens (capped at the model's context); `what` (the
+    flags that make up `need`) must fit in it."""
+    context = min(need, shape.context_length) if args.context is None else args.context
+    if need > context:
+        limit = (f"--context {context}" if args.context is not None
+                 else f"{shape.name}'s context of {shape.context_length}")
+        raise CliError(f"{what} exceeds {limit}")
+    return context
+
+
+def _plan(args, shape: ModelShape, context: int, batch: int, batch_flag: str) -> Plan:
+    """Place `shape` with KV for `batch` sequences of `context` tokens; errors name the flags."""
+    if context > shape.context_length:
+        raise CliError(f"--context={context} exceeds {shape.name}'s context of {shape.context_length}")
+    try:
+        return plan(shape, _hw(args), context, batch, args.wafers)
+    except PlacementError as e:
+        if e.kv_bound:
+            raise CliError(f"{e}; reduce --context or {batch_flag}") from None
+        raise
+
+
+def _kv_reserved(p: Plan) -> dict:
+    return {"tokens_per_sequence": p.context, "sequences": p.batch, "tokens": p.kv_tokens}
+
+
+def _plan_args(args) -> Plan:
+    """plan and plot: --context (default min(8192, model context)) x --batch."""
+    _check(args, "batch")
     shape = _shape(args)
-    context = args.context or min(8192, shape.context_length)
-    for name, v in (("--context", context), ("--batch/--sequences", batch)):
-        if v < 1:
-            raise CliError(f"{name}={v} must be >= 1")
-    return plan(shape, _hw(args), context, batch, args.wafers)
+    context = min(8192, shape.context_length) if args.context is None else args.context
+    return _plan(args, shape, context, args.batch, "--batch")
 
 
 # --- commands --------------------------------------------------------------------------------
 
 def cmd_plan(args) -> int:
-    p = _plan(args, args.batch)
+    p = _plan_args(args)
     d = p.to_dict()
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
-    print(f"{d['model']} ({d['precision_bits']}-bit, {d['weights_gb']:.1f} GB weights) on {d['hardware']}: "
+    print(f"{d['model']} ({d['precision_bits']:g}-bit, {d['weights_gb']:.1f} GB weights) on {d['hardware']}: "
           f"{d['wafers']} wafer(s), KV reserved for {p.context} tokens x {p.batch} sequence(s)")
     print(f"KV capacity: {d['kv_capacity_tokens']:,} tokens ({d['max_sequences_at_context']:,} sequences "
           f"of {p.context}); fullest PE {d['max_sram_bytes_per_pe']:,} of {p.hw.sram_bytes_per_pe:,} bytes")
-    print(f"PEs per layer: {d['pes_per_layer']}")
+    per_wafer = " / ".join("-" if n is None else f"{n:,}" for n in d["pes_per_layer"])
+    print(f"PEs per layer (per wafer): {per_wafer}")
     print(f"{'wafer':>5} {'stages':<16} {'region':>9} {'PEs used':>16} {'weights GB':>10} {'KV GB':>7} "
           f"{'buffers GB':>10} {'code GB':>8} {'KV cap tok':>11}")
     for w, wp in zip(d["per_wafer"], p.wafers):
@@ -150,7 +192,7 @@ def cmd_plan(args) -> int:
 def cmd_plot(args) -> int:
     from sim.plot import draw_plan
 
-    p = _plan(args, args.batch)
+    p = _plan_args(args)
     draw_plan(p, args.output)
     print(f"wrote {args.output} ({p.n_wafers} wafer(s), {len(p.regions)} regions)")
     return 0
@@ -159,22 +201,19 @@ def cmd_plot(args) -> int:
 def cmd_run(args) -> int:
     from sim.timing import TimingModel, summarize
 
-    for name in ("prompt", "output", "sequences"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name}={getattr(args, name)} must be >= 1")
+    _check(args, "prompt", "output", "sequences")
     shape = _shape(args)
-    if args.context is None:
-        args.context = min(max(8192, args.prompt + args.output), shape.context_length)
-    if args.prompt + args.output > args.context:
-        raise CliError(f"--prompt {args.prompt} + --output {args.output} exceeds the context of {args.context}")
-    p = _plan(args, args.sequences)
+    context = _context(args, shape, args.prompt + args.output, f"--prompt {args.prompt} + --output {args.output}")
+    p = _plan(args, shape, context, args.sequences, "--sequences")
     s = summarize(TimingModel(p), args.prompt, args.output, args.sequences)
+    s["kv_reserved"] = _kv_reserved(p)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
     hw = p.hw
     print(f"{s['model']} on {s['wafers']} x {s['hardware']}, prompt {s['prompt']}, output {s['output']}, "
           f"{s['sequences']} sequence(s) in flight")
+    print(f"KV reserved for {p.context:,} tokens x {p.batch} sequence(s) = {p.kv_tokens:,} tokens")
     print(f"per-token latency {s['token_latency_us']:.1f} us ({s['token_latency_cycles']:,} cycles) "
           f"at context {s['breakdown_context']}:")
     total = s["token_latency_cycles"]
@@ -203,6 +242,7 @@ def cmd_sweep(args) -> int:
     count. Decode is measured at the full context (the slowest point of a sequence's life)."""
     from sim.timing import TimingModel
 
+    _check(args, "prompt")
     shape, hw = _shape(args), _hw(args)
     rows = []
     for ctx in _ints(args.contexts, "--contexts"):
@@ -238,22 +278,27 @@ def cmd_trace(args) -> int:
     from sim import events
     from sim.timing import TimingModel
 
+    _check(args, "max_in_flight")
     if args.trace:
         reqs = events.load_trace(args.trace)
     else:
+        _check(args, "requests", "prompt", "output")
+        if not 0 < args.rate < math.inf:
+            raise CliError(f"--rate={args.rate} must be a finite number > 0")
+        if args.seed < 0:
+            raise CliError(f"--seed={args.seed} must be >= 0")
         reqs = events.poisson_trace(args.requests, args.rate, args.prompt, args.output, args.seed)
     if not reqs:
-        raise CliError("the trace has no requests")
+        raise CliError(f"the trace {args.trace} has no requests")
     shape = _shape(args)
     longest = max(r.prompt + r.output for r in reqs)
-    if args.context is None:
-        args.context = min(max(8192, longest), shape.context_length)
-    if longest > args.context:
-        raise CliError(f"a request needs {longest} tokens of context; --context is {args.context}")
-    p = _plan(args, args.max_in_flight)
+    context = _context(args, shape, longest, f"a request of {longest} tokens (prompt + output)")
+    # KV for as many sequences as can be in flight at once: never more than there are requests.
+    p = _plan(args, shape, context, min(args.max_in_flight, len(reqs)), "--max-in-flight")
     res = events.simulate(TimingModel(p), reqs, max_in_flight=args.max_in_flight)
     s = events.summarize(res)
-    s.update(model=p.shape.name, hardware=p.hw.name, wafers=p.n_wafers, max_in_flight=args.max_in_flight)
+    s.update(model=p.shape.name, hardware=p.hw.name, wafers=p.n_wafers, max_in_flight=args.max_in_flight,
+             kv_reserved=_kv_reserved(p))
     if args.json:
         s["per_request"] = [{"arrival_us": r.request.arrival_us, "ttft_us": r.ttft_us,
                              "departures_us": r.departures_us} for r in res]
@@ -262,6 +307,7 @@ def cmd_trace(args) -> int:
     print(f"{s['model']} on {s['wafers']} x {s['hardware']}: {s['requests']} requests, {s['tokens']:,} tokens "
           f"over {s['span_s']:.2f} s simulated ({s['throughput_tokens_per_s']:,.0f} tok/s), "
           f"max {args.max_in_flight} in flight")
+    print(f"  KV reserved for {p.context:,} tokens x {p.batch} sequence(s) = {p.kv_tokens:,} tokens")
     for k in ("ttft_us", "itl_us"):
         v = s[k]
         print(f"  {k[:-3].upper():<5} mean {v['mean'] / 1000:8.3f} ms  p50 {v['p50'] / 1000:8.3f} ms  "
@@ -280,11 +326,16 @@ def cmd_calibrate(args) -> int:
     for pt, s in zip(calibrate.POINTS, preds):
         print(f"{pt.model:<14} {s['wafers']} x {pt.hardware} (public: {pt.wafers}): "
               f"{s['tokens_per_s_per_user']:7.1f} tok/s vs {pt.tokens_per_s:.0f} public ({100 * s['error']:+.1f}%)")
-    print("raising each assumed constant ~10% changes tok/s by:")
+    print("raising each assumed constant ~10% (a whole number by at least 1) changes tok/s by:")
     for row in sens:
         cells = "  ".join(f"{pt.model} {100 * row[pt.model]:+5.1f}%" for pt in calibrate.POINTS)
-        print(f"  {row['constant']:<22} {row['from']} -> {row['to']}: {cells}")
+        step = f"{_value(row['constant'], row['from'])} -> {_value(row['constant'], row['to'])}"
+        print(f"  {row['constant']:<22} {step:<20} ({100 * row['step']:+4.0f}%): {cells}")
     return 0
+
+
+def _value(name: str, v: float) -> str:
+    return f"{v / 1e9:g} GHz" if name.endswith("_hz") else f"{v:g}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ class WaferClock:
             raise ValueError(f"max_sequences={max_sequences} must be >= 1")
         self.hw, self.shape = hw, shape
         self.max_sequences = max_sequences
-        self.context = context or min(DEFAULT_CONTEXT, shape.context_length)
+        self.context = min(DEFAULT_CONTEXT, shape.context_length) if context is None else context
         self.plan = plan(shape, hw, self.context, max_sequences)
         self.timing = TimingModel(self.plan)
         self._us_per_cycle = 1e6 / hw.clock_hz

@@ -17,6 +17,7 @@ import csv
 import heapq
 import json
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,17 +36,18 @@ class Request:
     output: int
 
     def __post_init__(self) -> None:
-        if self.prompt < 1 or self.output < 1 or self.arrival_us < 0:
-            raise ValueError(f"request {self}: prompt and output must be >= 1, arrival >= 0")
+        if self.prompt < 1 or self.output < 1 or not 0 <= self.arrival_us < math.inf:
+            raise ValueError(f"request {self}: prompt and output must be >= 1, arrival finite and >= 0")
 
 
 @dataclass
 class RequestResult:
     request: Request
-    departures_us: list[float] = field(default_factory=list)  # absolute simulated times
+    departures_us: list[float] = field(default_factory=list)  # from the trace start, like arrival_us
 
     @property
     def ttft_us(self) -> float:
+        """A duration: arrival to the first departure."""
         return self.departures_us[0] - self.request.arrival_us
 
     @property
@@ -59,9 +61,10 @@ def simulate(tm: TimingModel, requests: list[Request], prefill_chunk: int = 32,
     """Every token's departure time for `requests` (results in the order given). At most
     `max_in_flight` sequences hold KV at once (default: the plan's batch); later arrivals queue
     until one finishes."""
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
-    limit = max_in_flight or tm.plan.batch
+    limit = tm.plan.batch if max_in_flight is None else max_in_flight
+    for name, v in (("prefill_chunk", prefill_chunk), ("max_in_flight", limit)):
+        if v < 1:
+            raise ValueError(f"{name}={v} must be >= 1")
     cyc_per_us = tm.hw.clock_hz / 1e6
     n = len(requests)
     entries: list[list[tuple[int, int | None]]] = []  # per request: (occupancy, latency or None)
@@ -130,8 +133,10 @@ def poisson_trace(n: int, rate_per_s: float, prompt: int | tuple[int, int], outp
                   seed: int = 0) -> list[Request]:
     """n requests with exponential inter-arrival gaps at `rate_per_s`; prompt/output are fixed
     or drawn uniformly from an inclusive (lo, hi) range."""
-    if n < 0 or rate_per_s <= 0:
-        raise ValueError(f"n={n} must be >= 0 and rate={rate_per_s} > 0")
+    if n < 0:
+        raise ValueError(f"n={n} must be >= 0")
+    if not 0 < rate_per_s < math.inf:
+        raise ValueError(f"rate_per_s={rate_per_s} must be a finite number > 0")
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1e6 / rate_per_s, n))
 

@@ -20,6 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+SANE_RANGES: dict[str, tuple[float, float]] = {
+    "clock_hz": (1e6, 1e10),
+    "w2w_bits_per_s": (1e6, 1e15),
+}
+"""Accepted range of each rate (fields typed float), in the field's unit. Assumed sanity bounds,
+not hardware facts: a core clock outside 1 MHz-10 GHz or a wafer-to-wafer link outside
+1 Mb/s-1 Pb/s is a typo (usually the exponent; the presets are 1.1 GHz and 1.2 Tb/s)."""
+
+_POSITIVE = {"pe_rows", "pe_cols", "sram_bytes_per_pe", "simd_fp16", "sram_read_ports",
+             "sram_write_ports", "sram_port_bits", "link_bits_per_cycle", "wafers_per_system"}
+"""Counts that must be >= 1; the other counts (latencies, overheads, reserved bytes) may be 0."""
+
+
 @dataclass(frozen=True)
 class HardwareSpec:
     name: str
@@ -73,15 +86,26 @@ class HardwareSpec:
     draining the pipeline and the completion wavelet. Assumed (calibrated once, see timing.py)."""
 
     def __post_init__(self) -> None:
+        """Counts (fields typed int) must be integers, >= 1 where zero makes no sense; rates
+        (fields typed float) must be numbers within SANE_RANGES. Booleans are not numbers."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"hardware name must be a non-empty string; got {self.name!r}")
         for f in dataclasses.fields(self):
+            if f.name == "name":
+                continue
             v = getattr(self, f.name)
-            if f.name != "name" and (not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f"hardware {self.name}: {f.name}={v!r} must be a number >= 0")
-        for f in ("pe_rows", "pe_cols", "sram_bytes_per_pe", "clock_hz", "simd_fp16",
-                  "sram_read_ports", "sram_write_ports", "sram_port_bits", "link_bits_per_cycle",
-                  "wafers_per_system", "w2w_bits_per_s"):
-            if getattr(self, f) <= 0:
-                raise ValueError(f"hardware {self.name}: {f}={getattr(self, f)} must be > 0")
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if f.type == "int":
+                lo = 1 if f.name in _POSITIVE else 0
+                ok, want = number and isinstance(v, int) and v >= lo, f"an integer >= {lo}"
+            else:  # every float field has a sane range (NaN fails the comparison)
+                lo, hi = SANE_RANGES[f.name]
+                ok, want = number and lo <= v <= hi, f"a number in [{lo:g}, {hi:g}]"
+            if not ok:
+                raise ValueError(f"hardware {self.name}: {f.name} must be {want}; "
+                                 f"got {v!r} ({type(v).__name__})")
+            if f.type == "float":
+                object.__setattr__(self, f.name, float(v))
         if self.data_bytes_per_pe <= 0:
             raise ValueError(f"hardware {self.name}: reserved + buffer bytes "
                              f"({self.reserved_bytes_per_pe + self.buffer_bytes_per_pe}) leave no "
@@ -144,6 +168,9 @@ def load_toml(path: str | Path, base: HardwareSpec | None = None) -> HardwareSpe
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"hardware config {path}: {e}") from None
     preset = data.pop("base", None)
+    if preset is not None and not isinstance(preset, str):
+        raise ValueError(f"hardware config {path}: base must be a preset name such as \"wse3\"; "
+                         f"got {preset!r}")
     if preset is not None:
         base = get_hardware(preset)
     if base is None:

@@ -36,7 +36,12 @@ GB = 1e9
 
 
 class PlacementError(ValueError):
-    """The model does not fit; the message says what and by how much."""
+    """The model does not fit; the message says what and by how much. `kv_bound` is True when
+    the weights alone would fit, so a smaller KV reservation (context x batch) may help."""
+
+    def __init__(self, message: str, kv_bound: bool = False):
+        super().__init__(message)
+        self.kv_bound = kv_bound
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,11 @@ class WaferPlan:
     def pes_used(self) -> int:
         return sum(r.pes for r in self.regions)
 
+    @property
+    def pes_per_layer(self) -> int | None:
+        """PEs of a layer region on this wafer (all get the same size), None without layers."""
+        return next((r.pes for r in self.regions if r.stage.kind == "layer"), None)
+
 
 @dataclass
 class Plan:
@@ -129,18 +139,21 @@ class Plan:
                    + r.kv_bytes_per_pe for r in self.regions)
 
     def to_dict(self) -> dict:
-        layer_pes = sorted({r.pes for r in self.regions if r.stage.kind == "layer"})
+        """What `wafer sim plan --json` prints. `precision_bits` is bits per weight (fractional
+        for GGUF block formats: 5.0 for Q4_1); `pes_per_layer` is a list with one entry per
+        wafer, the PEs of each layer region on it (all layers on a wafer get the same size), or
+        None for a wafer that holds no layer."""
         return {
             "model": self.shape.name,
             "hardware": self.hw.name,
-            "precision_bits": int(self.shape.bytes_per_weight * 8),
+            "precision_bits": self.shape.bytes_per_weight * 8,
             "context": self.context,
             "batch": self.batch,
             "wafers": self.n_wafers,
             "weights_gb": self.shape.weight_bytes / GB,
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "max_sequences_at_context": self.kv_capacity_tokens // self.context,
-            "pes_per_layer": layer_pes[0] if len(layer_pes) == 1 else layer_pes,
+            "pes_per_layer": [w.pes_per_layer for w in self.wafers],
             "max_sram_bytes_per_pe": self.max_pe_bytes(),
             "per_wafer": [
                 {
@@ -339,16 +352,17 @@ def _raise_stage_too_big(stage: Stage, kv_tokens: int, hw: HardwareSpec) -> None
     raise PlacementError(
         f"{stage.label} needs {need / GB:.2f} GB of SRAM (weights {stage.weight_bytes / GB:.2f} GB"
         f" + KV {kv / GB:.2f} GB for {kv_tokens} tokens) but one {hw.name} wafer holds "
-        f"{have / GB:.2f} GB for data; short by {(need - have) / GB:.2f} GB"
-        + ("; reduce --context or --batch" if kv > 0 else ""))
+        f"{have / GB:.2f} GB for data; short by {(need - have) / GB:.2f} GB",
+        kv_bound=kv > 0 and stage.weight_bytes <= have)
 
 
 def plan(shape: ModelShape, hw: HardwareSpec, context: int = 8192, batch: int = 1,
          wafers: int | None = None) -> Plan:
     """Place `shape` for `batch` sequences of `context` tokens; `wafers` forces a wafer count
     (at least the minimum). Raises PlacementError when it cannot fit."""
-    if context < 1 or batch < 1:
-        raise PlacementError(f"context={context} and batch={batch} must be >= 1")
+    for name, v in (("context", context), ("batch", batch), ("wafers", wafers)):
+        if v is not None and v < 1:
+            raise PlacementError(f"{name}={v} must be >= 1")
     if context > shape.context_length:
         raise PlacementError(f"context={context} exceeds {shape.name}'s context of "
                              f"{shape.context_length}")
@@ -364,7 +378,8 @@ def plan(shape: ModelShape, hw: HardwareSpec, context: int = 8192, batch: int = 
             f"KV {shape.kv_bytes_per_token * kv_tokens / GB:.1f} GB) and more than "
             f"{hw.wafers_per_system} {hw.name} wafers ({have / GB:.1f} GB for data); "
             + (f"short by at least {(total - have) / GB:.1f} GB" if total > have else
-               "whole regions per wafer leave too much of each wafer unused; reduce --context or --batch"))
+               "whole regions per wafer leave too much of each wafer unused"),
+            kv_bound=shape.weight_bytes <= have)
     n = n_min if wafers is None else wafers
     if n < n_min:
         raise PlacementError(f"{shape.name} with context {context} x batch {batch} needs "

@@ -25,7 +25,7 @@ class ModelShape:
     vocab_size: int
     tied_embeddings: bool
     context_length: int
-    bytes_per_weight: float = 2.0  # 2.0 = 16-bit weights (default), 1.0 = 8-bit
+    bytes_per_weight: float = 2.0  # 2.0 = 16-bit (default), 1.0 = 8-bit, 0.625 = GGUF Q4_1 (20 B / 32)
     kv_bytes_per_element: float = 2.0  # the KV cache stays 16-bit whatever the weights
 
     def __post_init__(self) -> None:

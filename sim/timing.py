@@ -46,10 +46,11 @@ The two unpublished constants, reduce_stage_cycles = 24 and phase_overhead_cycle
 chosen once on a grid so both points land within ~1%; the points mostly pin down a combination
 of the two (23/350 or 25/250 also land within 2.5%), so read them as "a software reduction step
 costs ~20 ns and a phase a few hundred ns", not as measured values.
-Sensitivity of tok/s to raising one assumed constant by ~10% (8B / 70B):
+Sensitivity of tok/s to raising one assumed constant by ~10%, whole cycle counts by at least 1
+(8B / 70B; `wafer sim calibrate` prints the same, tests check this table against it):
   reduce_stage_cycles   24 -> 26       -4.4% / -4.6%   reductions dominate decode
   phase_overhead_cycles 300 -> 330     -1.3% / -0.8%   8 phases per layer
-  hop_latency_cycles    1 -> 2         -4.5% / -4.7%   two hops per reduction stage (+2 cycles)
+  hop_latency_cycles    1 -> 2         -4.7% / -4.7%   +100%: two hops per reduction stage (+2 cycles)
   w2w_latency_ns        2000 -> 2200    0.0% / -0.0%   4 crossings x 2 us of a 2.2 ms token
   clock_hz              +10%          +10.0% / +10.0%  everything is counted in cycles
   reserved/buffer bytes +10%            0.0% /  0.0%   regions grow by a few PEs

@@ -56,8 +56,28 @@ def test_plot(tmp_path, capsys):
     (["plan", "--model", "gpt-9"], "unknown model 'gpt-9'"),
     (["plan", "--model", "llama-3.1-405b", "--context", "131072", "--batch", "128"], "short by"),
     (["plan", "--model", "llama-3.1-70b", "--wafers", "2"], "needs 4 wse3 wafers"),
-    (["run", "--model", "smollm2-135m", "--prompt", "8000", "--output", "500"], "exceeds"),
+    (["run", "--model", "smollm2-135m", "--prompt", "8000", "--output", "500"],
+     "--prompt 8000 + --output 500 exceeds smollm2-135m's context of 8192"),
     (["run", "--model", "llama-3.1-8b", "--sequences", "0"], "--sequences=0 must be >= 1"),
+    (["plan", "--model", "llama-3.1-8b", "--context", "0"], "--context=0 must be >= 1"),
+    (["plan", "--model", "llama-3.1-8b", "--context", "-5"], "--context=-5 must be >= 1"),
+    (["plot", "--model", "llama-3.1-8b", "--context", "0"], "--context=0 must be >= 1"),
+    (["run", "--model", "llama-3.1-8b", "--context", "0"], "--context=0 must be >= 1"),
+    (["plan", "--model", "llama-3.1-8b", "--context", "200000"], "--context=200000 exceeds llama-3.1-8b's context"),
+    (["plan", "--model", "llama-3.1-8b", "--wafers", "0"], "--wafers=0 must be >= 1"),
+    (["run", "--model", "llama-3.1-8b", "--wafers", "-1"], "--wafers=-1 must be >= 1"),
+    (["trace", "--model", "llama-3.2-1b", "--max-in-flight", "0"], "--max-in-flight=0 must be >= 1"),
+    (["trace", "--model", "llama-3.2-1b", "--rate", "0"], "--rate=0.0 must be a finite number > 0"),
+    (["trace", "--model", "llama-3.2-1b", "--rate", "nan"], "--rate=nan must be a finite number > 0"),
+    (["trace", "--model", "llama-3.2-1b", "--rate", "inf"], "--rate=inf must be a finite number > 0"),
+    (["trace", "--model", "llama-3.2-1b", "--requests", "0"], "--requests=0 must be >= 1"),
+    (["trace", "--model", "llama-3.2-1b", "--prompt", "0"], "--prompt=0 must be >= 1"),
+    (["trace", "--model", "llama-3.2-1b", "--seed", "-1"], "--seed=-1 must be >= 0"),
+    (["sweep", "--model", "llama-3.2-1b", "--prompt", "0"], "--prompt=0 must be >= 1"),
+    (["run", "--model", "llama-3.1-8b", "--context", "500"], "--prompt 512 + --output 256 exceeds --context 500"),
+    (["run", "--model", "llama-3.1-8b", "--sequences", "100000"], "; reduce --context or --sequences"),
+    (["trace", "--model", "llama-3.1-8b", "--max-in-flight", "100000", "--requests", "100000"],
+     "; reduce --context or --max-in-flight"),
     (["plan", "--model", "llama-3.1-8b", "--hw", "tpu"], "unknown hardware 'tpu'"),
     (["plan", "--model", "model.gguf"], "needs the engine's loader"),
 ])
@@ -65,6 +85,7 @@ def test_errors_are_one_line_and_nonzero(argv, needle, capsys):
     code, out, err = run(argv, capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("wafer sim: error: ") and needle in err
+    assert "--batch" not in err or "--batch" in argv  # names the flag the user typed
 
 
 def test_hw_config_and_unknown_key(tmp_path, capsys):
@@ -109,3 +130,81 @@ def test_sweep_shows_context_and_sequences_tradeoff(capsys):
     assert rows[(131072, 1)]["tokens_per_s_per_user"] < rows[(1024, 1)]["tokens_per_s_per_user"]
     assert rows[(1024, 16)]["pipeline_tokens_per_s"] > 10 * rows[(1024, 1)]["pipeline_tokens_per_s"]
     assert rows[(131072, 16)]["wafers"] > 1  # 2M tokens of KV do not fit one wafer
+
+
+def test_plan_pes_per_layer_is_one_type_for_one_and_many_wafers(capsys):
+    for model, wafers in (("llama-3.1-8b", 1), ("llama-3.1-70b", 4)):
+        d = json.loads(run(["plan", "--model", model, "--json"], capsys)[1])
+        assert isinstance(d["pes_per_layer"], list) and len(d["pes_per_layer"]) == wafers
+        first_layer = [next(r["pes"] for r in d["regions"] if r["wafer"] == w and r["stage"].startswith("L"))
+                       for w in range(wafers)]
+        assert d["pes_per_layer"] == first_layer
+
+
+def test_run_and_trace_reserve_kv_for_the_requests_and_agree(capsys):
+    """No --context: KV for prompt + output per sequence, so the same single request plans the
+    same wafers in run and trace (trace reserves for no more sequences than it has requests)."""
+    r = json.loads(run(["run", "--model", "llama-3.1-70b", "--json"], capsys)[1])
+    t = json.loads(run(["trace", "--model", "llama-3.1-70b", "--requests", "1", "--json"], capsys)[1])
+    assert r["kv_reserved"] == t["kv_reserved"] == {"tokens_per_sequence": 768, "sequences": 1, "tokens": 768}
+    assert r["wafers"] == t["wafers"] == 4
+    assert t["ttft_us"]["mean"] == pytest.approx(r["ttft_us"], rel=1e-6)
+    assert t["itl_us"]["mean"] == pytest.approx(r["mean_itl_us"], rel=1e-6)
+    # run --sequences 32 plans like the sweep row for the same context and sequences
+    r32 = json.loads(run(["run", "--model", "llama-3.1-8b", "--sequences", "32", "--json"], capsys)[1])
+    sw = json.loads(run(["sweep", "--model", "llama-3.1-8b", "--contexts", "768", "--sequences", "32",
+                         "--json"], capsys)[1])
+    assert r32["kv_reserved"]["tokens"] == 768 * 32 and r32["wafers"] == sw["rows"][0]["wafers"] == 1
+    # an explicit --context is the reservation; trace holds KV for --max-in-flight sequences
+    t8 = json.loads(run(["trace", "--model", "llama-3.2-1b", "--requests", "20", "--context", "4096",
+                         "--json"], capsys)[1])
+    assert t8["kv_reserved"] == {"tokens_per_sequence": 4096, "sequences": 8, "tokens": 4096 * 8}
+
+
+def test_run_and_trace_print_the_kv_reservation(capsys):
+    out = run(["run", "--model", "llama-3.1-8b", "--sequences", "2"], capsys)[1]
+    assert "KV reserved for 768 tokens x 2 sequence(s) = 1,536 tokens" in out
+    out = run(["trace", "--model", "llama-3.2-1b", "--requests", "3", "--prompt", "100", "--output", "28"], capsys)[1]
+    assert "KV reserved for 128 tokens x 3 sequence(s) = 384 tokens" in out
+
+
+def test_trace_json_times_are_from_the_trace_start_and_ttft_from_arrival(capsys):
+    d = json.loads(run(["trace", "--model", "llama-3.2-1b", "--requests", "5", "--rate", "100",
+                        "--prompt", "64", "--output", "4", "--json"], capsys)[1])
+    for r in d["per_request"]:
+        assert r["departures_us"][0] == pytest.approx(r["arrival_us"] + r["ttft_us"])
+    with pytest.raises(SystemExit):
+        sim_cli.main(["trace", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "departures_us are times from the trace start" in help_text and "ttft_us is the time from arrival" in help_text
+
+
+def test_calibrate_prints_the_real_step_and_a_readable_clock(capsys):
+    code, out, _ = run(["calibrate"], capsys)
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert code == 0 and "1 -> 2" in rows["hop_latency_cycles"] and "(+100%)" in rows["hop_latency_cycles"]
+    assert "1.1 GHz -> 1.21 GHz" in rows["clock_hz"] and "( +10%)" in rows["clock_hz"]
+    assert "1806.1 tok/s" in out and "445.0 tok/s" in out  # the published-figure matches
+
+
+@pytest.mark.parametrize("weight_type,bits", [("Q4_1", 5.0), ("Q4_0", 4.5), ("Q8_0", 8.5), ("F16", 16.0),
+                                              ("F32", 32.0)])
+def test_gguf_uses_the_files_own_bits_per_weight(tiny_gguf, weight_type, bits, capsys):
+    import argparse
+
+    from engine.shapes import gguf_model_shape
+
+    path = str(tiny_gguf(weight_type))
+    assert gguf_model_shape(path).bytes_per_weight == bits / 8
+    parser = argparse.ArgumentParser()
+    sim_cli.add_parsers(parser.add_subparsers(dest="command"), load_gguf_shape=gguf_model_shape)
+
+    def plan_of(*extra):
+        args = parser.parse_args(["sim", "plan", "--model", path, *extra])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    d = json.loads(plan_of("--json"))
+    assert d["precision_bits"] == bits
+    assert f"({bits:g}-bit," in plan_of()
+    assert json.loads(plan_of("--precision", "8", "--json"))["precision_bits"] == 8

@@ -60,3 +60,8 @@ def test_8bit_spec_and_unfittable_context():
     assert WaferClock.from_spec("wse3:llama-3.1-70b:8").n_wafers == 2
     with pytest.raises(PlacementError, match="short by"):
         WaferClock.from_spec("wse3:llama-3.1-405b", max_sequences=128, context=131072)
+
+
+def test_context_zero_is_an_error_not_the_default():
+    with pytest.raises(PlacementError, match="context=0 must be >= 1"):
+        WaferClock(HW["wse3"], get_shape("llama-3.1-8b"), context=0)

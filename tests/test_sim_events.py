@@ -77,3 +77,13 @@ def test_a_prompt_among_decoding_sequences_matches_the_analytic_load_model(other
     s = others + 1
     assert last.ttft_us == pytest.approx(clock.ttft_us(512, sequences_in_flight=s), rel=0.10)
     assert last.itls_us[100] == pytest.approx(clock.itl_us(512 + 101, sequences_in_flight=s), rel=1e-6)
+
+
+def test_zero_in_flight_and_bad_rates_are_errors_not_defaults(tm):
+    with pytest.raises(ValueError, match="max_in_flight=0 must be >= 1"):
+        simulate(tm, [Request(0.0, 8, 2)], max_in_flight=0)
+    for rate in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            poisson_trace(3, rate, 8, 2)
+    with pytest.raises(ValueError, match="arrival finite"):
+        Request(float("nan"), 8, 2)

@@ -54,7 +54,7 @@ def test_unknown_keys_are_named(tmp_path):
 def test_bad_values_and_files(tmp_path):
     cfg = tmp_path / "neg.toml"
     cfg.write_text("pe_rows = 0\n")
-    with pytest.raises(ValueError, match="pe_rows=0 must be > 0"):
+    with pytest.raises(ValueError, match="pe_rows must be an integer >= 1; got 0"):
         get_hardware("wse3", cfg)
     nobase = tmp_path / "nobase.toml"
     nobase.write_text("pe_rows = 10\n")
@@ -62,3 +62,31 @@ def test_bad_values_and_files(tmp_path):
         get_hardware(str(nobase))
     with pytest.raises(ValueError, match="does not exist"):
         get_hardware("wse3", tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("line,message", [
+    ("pe_rows = 100.5", "pe_rows must be an integer >= 1; got 100.5 (float)"),
+    ("pe_rows = true", "pe_rows must be an integer >= 1; got True (bool)"),
+    ("pe_cols = 762.0", "pe_cols must be an integer >= 1; got 762.0 (float)"),
+    ('simd_fp16 = "8"', "simd_fp16 must be an integer >= 1; got '8' (str)"),
+    ("hop_latency_cycles = -1", "hop_latency_cycles must be an integer >= 0; got -1 (int)"),
+    ("clock_hz = 1e30", "clock_hz must be a number in [1e+06, 1e+10]; got 1e+30 (float)"),
+    ("clock_hz = nan", "clock_hz must be a number in [1e+06, 1e+10]; got nan (float)"),
+    ("clock_hz = inf", "clock_hz must be a number in [1e+06, 1e+10]; got inf (float)"),
+    ("clock_hz = true", "clock_hz must be a number in [1e+06, 1e+10]; got True (bool)"),
+    ("w2w_bits_per_s = 0", "w2w_bits_per_s must be a number in [1e+06, 1e+15]; got 0 (int)"),
+    ("base = 5", "base must be a preset name"),
+])
+def test_values_of_the_wrong_type_or_range_are_named(tmp_path, line, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(ValueError) as e:
+        get_hardware("wse3", cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_integer_rate_is_taken_as_a_float(tmp_path):
+    cfg = tmp_path / "clock.toml"
+    cfg.write_text("clock_hz = 1200000000\n")
+    hw = get_hardware("wse3", cfg)
+    assert hw.clock_hz == 1.2e9 and isinstance(hw.clock_hz, float)

@@ -125,7 +125,19 @@ def test_a_layer_too_big_for_a_wafer_says_what_and_by_how_much():
     with pytest.raises(PlacementError) as e:
         plan(get_shape("llama-3.1-405b"), HW["wse3"], 131072, 128)
     msg = str(e.value)
-    assert msg.startswith("L0 needs") and "KV" in msg and "short by" in msg and "--context" in msg
+    assert msg.startswith("L0 needs") and "KV" in msg and "short by" in msg
+    assert e.value.kv_bound  # the weights alone fit: less KV would help (the CLI names its flags)
+
+
+def test_forcing_zero_wafers_says_so():
+    with pytest.raises(PlacementError, match="wafers=0 must be >= 1"):
+        plan(get_shape("llama-3.1-8b"), HW["wse3"], wafers=0)
+
+
+def test_pes_per_layer_is_a_list_per_wafer_for_one_or_many_wafers():
+    for name, n in (("llama-3.1-8b", 1), ("llama-3.1-70b", 4)):
+        d = plan(get_shape(name), HW["wse3"]).to_dict()
+        assert len(d["pes_per_layer"]) == n and all(isinstance(x, int) for x in d["pes_per_layer"])
 
 
 def test_beyond_the_system_maximum_says_by_how_much():

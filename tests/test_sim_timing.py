@@ -97,3 +97,20 @@ def test_hardware_constants_move_the_result_the_right_way():
     assert _tm(hw=slower).token_cycles(600) > base
     wse2 = _tm(hw=HW["wse2"])
     assert wse2.plan.n_wafers == 1
+
+
+def test_the_docstring_sensitivity_table_is_what_calibrate_computes():
+    import re
+
+    import sim.timing
+
+    table = sim.timing.__doc__.split("Sensitivity of tok/s")[1].split("\nA GEMV")[0]
+    rows = {m[0]: (float(m[1]), float(m[2]))
+            for m in re.findall(r"^  (\w+) .*?([+-]?\d+\.\d)% / +([+-]?\d+\.\d)%", table, re.M)}
+    computed = {r["constant"]: r for r in calibrate.sensitivity()}
+    assert set(rows) == {"reduce_stage_cycles", "phase_overhead_cycles", "hop_latency_cycles", "w2w_latency_ns",
+                         "clock_hz"}
+    for name, (small, big) in rows.items():
+        r = computed[name]
+        assert (small, big) == (round(100 * r["llama-3.1-8b"], 1), round(100 * r["llama-3.1-70b"], 1)), name
+    assert computed["hop_latency_cycles"]["step"] == 1.0  # 1 -> 2 cycles: +100%, not ~10%
