@@ -38,18 +38,21 @@ def sampling_params(args: argparse.Namespace):
     )
 
 
-def emit(args, token_id: int, text: str) -> None:
+def emit(args, token_id: int, text: str, extra: dict | None = None) -> None:
+    """One token: its text, or with --json {"id", "text"} and ``extra`` (e.g. the simulated
+    wafer time of an emulating server)."""
     if args.json:
-        print(json.dumps({"id": token_id, "text": text}), flush=True)
+        print(json.dumps({"id": token_id, "text": text, **(extra or {})}), flush=True)
     elif text:
         sys.stdout.write(text)
         sys.stdout.flush()
 
 
-def emit_summary(args, prompt_tokens, completion_tokens, ttft_ms, decode_tok_s, finish_reason) -> None:
+def emit_summary(args, prompt_tokens, completion_tokens, ttft_ms, decode_tok_s, finish_reason,
+                 extra: dict | None = None) -> None:
     summary = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                "ttft_ms": round(ttft_ms, 3), "decode_tok_s": round(decode_tok_s, 2),
-               "finish_reason": finish_reason}
+               "finish_reason": finish_reason, **(extra or {})}
     if args.json:
         print(json.dumps(summary), flush=True)
     else:

@@ -98,6 +98,7 @@ class TokenEvent:
     t_ns: int             # monotonic time the engine produced it
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    in_flight: int = 0    # sequences holding KV when it was made (0 = batch_size; for the wafer clock)
 
 
 @dataclass(slots=True)
@@ -898,7 +899,7 @@ class Scheduler:
         st = seq.stats
         if st.first_token_ns == 0:
             st.first_token_ns = now
-        items.append((seq.req, TokenEvent(tok, st.prefill_ns, 1, now, lp, top)))
+        items.append((seq.req, TokenEvent(tok, st.prefill_ns, 1, now, lp, top, len(self.running))))
         reason = self._end_reason(seq, tok)
         if reason is not None:
             self._finish(seq, reason, items)

@@ -3,6 +3,9 @@ realtime none leaves before its time; an engine slower than the wafer says how l
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -41,11 +44,11 @@ def run(client, model, n):
     return t0, [i for i in items if isinstance(i, Token)], items[-1]
 
 
-def test_realtime_pacing_follows_the_simulated_schedule(client):
+def test_realtime_pacing_follows_the_simulated_schedule(client, server):
     t0, tokens, done = run(client, "tiny-paced", 24)
     assert isinstance(done, Completion)
     n, prompt = len(tokens), done.usage["prompt_tokens"]
-    expected = WaferClock.from_spec(SLOW).departure_times_us(prompt, n)
+    expected = server.runtime("tiny-paced").emulator.clock.departure_times_us(prompt, n)
     sim = [t.sim_time_us for t in tokens]
     assert sim == [round(x) for x in expected]
     # never released before its simulated time (measured from the request's arrival)
@@ -78,3 +81,42 @@ def test_unemulated_model_carries_no_sim_times(client):
 def test_model_info_shows_emulation(client):
     info = {m.name: m for m in client.list_models()}
     assert info["tiny-paced"].emulate == SLOW and info["tiny"].emulate == ""
+
+
+def test_the_simulated_wafers_hold_the_engines_kv_pool(server):
+    """The emulated deployment is sized for the KV the engine can hold at once (as `wafer sim
+    run --sequences S --context C` for the same numbers), not for one sequence."""
+    rt = server.runtime("tiny-stamped")
+    clock = rt.emulator.clock
+    assert clock.max_sequences > 1 and clock.max_sequences * clock.context >= rt.kv_tokens
+    assert clock.plan.kv_capacity_tokens >= rt.kv_tokens
+    reference = WaferClock.from_spec(FAST, max_sequences=clock.max_sequences)
+    assert clock.itl_us(100, 3) == reference.itl_us(100, 3)
+
+
+def test_a_first_token_is_timed_with_the_sequences_already_in_flight(client, server):
+    """A request that joins a running stream shares the wafer with it from its first token on."""
+    clock = server.runtime("tiny-stamped").emulator.clock
+    long_run = client.generate("keep going", model="tiny-stamped", max_tokens=900, temperature=0)
+    next(long_run)  # the long stream is decoding
+    try:
+        items = list(client.generate("join", model="tiny-stamped", max_tokens=2, temperature=0))
+    finally:
+        long_run.close()
+    tokens, done = [i for i in items if isinstance(i, Token)], items[-1]
+    assert tokens[0].batch_size == 1  # a token from prefill
+    assert tokens[0].sim_time_us == round(clock.ttft_us(done.usage["prompt_tokens"], sequences_in_flight=2))
+    assert tokens[0].sim_time_us != round(clock.ttft_us(done.usage["prompt_tokens"]))
+
+
+def test_generate_cli_json_carries_the_simulated_times(server):
+    """`wafer generate --server --json` against an emulating model: each token line has its
+    simulated time and lateness, the summary the emulation block."""
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--server", server.address,
+                          "--model", "tiny-stamped", "--prompt", "hi", "--max-tokens", "3", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    tokens, summary = lines[:-1], lines[-1]
+    assert len(tokens) == 3 and all(t["sim_time_us"] > 0 and t["late_us"] >= 0 for t in tokens)
+    assert summary["emulation"]["target"] == FAST and summary["emulation"]["pace"] == "none"

@@ -192,7 +192,8 @@ class ModelRuntime:
             if self.emulate:
                 from engine.server.emulation import Emulator
 
-                self.emulator = Emulator(self.emulate, self.pace)
+                pool = model.kv.num_blocks * model.kv.block_size
+                self.emulator = Emulator(self.emulate, self.pace, kv_tokens=pool)
             cfg = sch.SchedulerConfig(
                 max_batch=e.max_batch, max_waiting=e.max_waiting, prefill_chunk=e.prefill_chunk,
                 session_idle_timeout_s=self.options.session_idle_timeout_s)
@@ -323,7 +324,8 @@ class WaferServer:
         for rt in self.runtimes.values():
             log.info("model %s ready in %.1f s (%s)%s", rt.entry.name, rt.load_seconds,
                      rt.config.quantization,
-                     f", emulating {rt.emulate} on {rt.emulator.clock.n_wafers} wafer(s), pace={rt.pace}"
+                     f", emulating {rt.emulate} on {rt.emulator.clock.n_wafers} wafer(s) with KV for "
+                     f"{rt.emulator.clock.max_sequences} x {rt.emulator.clock.context} tokens, pace={rt.pace}"
                      if rt.emulator else "")
         log.info("ready: serving %s on %s", ", ".join(e.name for e in self.registry.served()),
                  self.address)

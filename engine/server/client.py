@@ -563,7 +563,9 @@ def generate_cli_remote(args) -> int:
         with WaferClient(args.server) as client:
             for item in client.generate(request=request):
                 if isinstance(item, Token):
-                    emit(args, item.id, item.text)
+                    emulated = item.sim_time_us is not None
+                    emit(args, item.id, item.text,
+                         {"sim_time_us": item.sim_time_us, "late_us": item.late_us} if emulated else None)
                 else:
                     if item.text and not args.json:
                         sys.stdout.write(item.text)
@@ -571,7 +573,8 @@ def generate_cli_remote(args) -> int:
                     n = u["completion_tokens"]
                     decode_s = u["mean_itl_ms"] * (n - 1) / 1e3
                     tok_s = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
-                    emit_summary(args, u["prompt_tokens"], n, u["ttft_ms"], tok_s, item.finish_reason)
+                    emit_summary(args, u["prompt_tokens"], n, u["ttft_ms"], tok_s, item.finish_reason,
+                                 {"emulation": item.emulation} if item.emulation else None)
                     warning = deprecation_warning(item.trailing_metadata, args.model or "")
                     if warning:  # after the text and its summary, on a line of its own
                         print(f"wafer generate: {warning}", file=sys.stderr)

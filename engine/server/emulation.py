@@ -24,7 +24,10 @@ class EmulationError(ValueError):
 class Emulator:
     """One simulated target (e.g. ``wse3:llama-3.1-8b``) shared by the streams of a model."""
 
-    def __init__(self, target: str, pace: str = "realtime"):
+    def __init__(self, target: str, pace: str = "realtime", kv_tokens: int | None = None):
+        """``kv_tokens``: the engine's KV pool. The simulated wafers are sized to hold as many
+        tokens of KV (sequences of the emulated model's plan context), so streams are never
+        timed on a wafer that could not hold what the engine holds at once."""
         if pace not in PACES:
             raise EmulationError(f"pace={pace!r}; expected one of {PACES}")
         try:
@@ -32,7 +35,10 @@ class Emulator:
         except ImportError as e:  # the simulator package is missing
             raise EmulationError(f"emulation needs sim.clock: {e}") from None
         try:
-            self.clock = WaferClock.from_spec(target)
+            clock = WaferClock.from_spec(target)
+            if kv_tokens is not None and kv_tokens > clock.context:
+                clock = WaferClock.from_spec(target, max_sequences=-(-kv_tokens // clock.context))
+            self.clock = clock
         except Exception as e:
             raise EmulationError(f"emulate={target!r}: {e}") from None
         self.target = target

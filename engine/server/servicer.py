@@ -282,7 +282,7 @@ class StreamState:
                 c.logprobs.append(pb.TokenLogprobs(
                     logprob=e.logprob, top=[pb.TopLogprob(id=i, logprob=lp) for i, lp in e.top or ()]))
         if self.emu is not None:
-            c.sim_time_us.extend(self.emu.next_time_us(e.batch_size) for e in evs)
+            c.sim_time_us.extend(self.emu.next_time_us(e.in_flight or e.batch_size) for e in evs)
         return c
 
     async def before_send(self, c: pb.TokenChunk) -> None:
