@@ -24,26 +24,30 @@ def wafer(*args, **kw):
                           text=True, timeout=120, **kw)
 
 
-@pytest.fixture(scope="module")
-def served(tiny_gguf, tmp_path_factory):
-    path = tiny_gguf("Q4_1", context_length=2048)
-    tmp = tmp_path_factory.mktemp("serve")
+def start_server(path, tmp, *flags):
+    """`wafer serve` on a free loopback port: (process, address, log path) once it is ready."""
     ready, log = tmp / "ready", tmp / "serve.log"
     with open(log, "w") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "serve", "--model", str(path), "--port", "0",
-             "--metrics-port", "0", "--grace", "0.3", "--realtime-streaming", "--ready-file", str(ready)],
+             "--metrics-port", "0", *flags, "--ready-file", str(ready)],
             cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while not ready.exists() or not ready.read_text().strip():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "server not ready in 180 s"
-            time.sleep(0.1)
-        port = int(ready.read_text().split()[0])
-        yield proc, f"127.0.0.1:{port}", log
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    deadline = time.monotonic() + 180
+    while not ready.exists() or not ready.read_text().strip():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "server not ready in 180 s"
+        time.sleep(0.1)
+    return proc, f"127.0.0.1:{int(ready.read_text().split()[0])}", log
+
+
+@pytest.fixture(scope="module")
+def served(tiny_gguf, tmp_path_factory):
+    proc, address, log = start_server(tiny_gguf("Q4_1", context_length=2048), tmp_path_factory.mktemp("serve"),
+                                      "--grace", "0.3", "--realtime-streaming")
+    yield proc, address, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_logs_readiness(served):
@@ -162,3 +166,25 @@ def test_sigterm_drains_streams_then_exits(served):
     session.close()  # the server already closed it for the shutdown
     assert session.closed_reason == "shutdown"
     idle.close()
+
+
+def test_a_second_signal_ends_the_grace_period(tiny_gguf, tmp_path):
+    """SIGTERM with a long grace lets a stream go on; a second SIGTERM (or Ctrl-C) ends it now,
+    with its final message, and the server exits."""
+    proc, address, log = start_server(tiny_gguf("Q4_1", context_length=8192), tmp_path, "--grace", "60")
+    try:
+        with WaferClient(address, timeout=60) as c:
+            stream = c.generate("long", max_tokens=8000, temperature=0)  # a few seconds here
+            next(stream)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            done = [i for i in stream if isinstance(i, Completion)]
+        assert done and done[0].finish_reason == "shutdown"
+        assert proc.wait(30) == 0 and time.monotonic() - t0 < 30  # not the 60 s grace
+        assert "second signal" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

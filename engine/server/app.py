@@ -249,6 +249,7 @@ class WaferServer:
         self.port = 0
         self.metrics_port = 0
         self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second signal while draining: no more grace
 
     def emulate_target(self, entry: ModelEntry) -> str:
         return self.options.emulate or entry.emulate
@@ -333,8 +334,13 @@ class WaferServer:
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting, let running streams finish within the grace period, then end them
-        (each gets a final message with finish_reason "shutdown"), then stop the server."""
+        (each gets a final message with finish_reason "shutdown"), then stop the server. Called
+        again while draining (a second Ctrl-C or SIGTERM), it ends the grace period at once."""
         if self.draining:
+            if not self._hurry.is_set():
+                log.info("draining: second signal, ending %d running stream(s) now",
+                         self.servicer.active_streams)
+                self._hurry.set()
             await self._stopped.wait()
             return
         grace = self.options.grace_s if grace_s is None else grace_s
@@ -346,7 +352,7 @@ class WaferServer:
         for s in scheds:
             s.stop_accepting()
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._hurry.is_set():
             busy = any(s.running or s.waiting or s._inbox for s in scheds)
             if not busy:
                 break
