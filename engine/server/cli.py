@@ -63,8 +63,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.model and _builtin_entry(args.model):  # a known name keeps its aliases
-            registry = Registry([_builtin_entry(args.model)])
+        if args.model and (known := _builtin_entry(args.model)):  # a known name keeps its aliases
+            registry = Registry([known])
         elif args.model:
             registry = Registry([ModelEntry(name=args.model, path=args.model)], default=args.model)
         elif args.config:

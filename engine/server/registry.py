@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.server.emulation import PACES
+
 ACTIVE, DEPRECATED, RETIRED = "active", "deprecated", "retired"
 STATUSES = (ACTIVE, DEPRECATED, RETIRED)
 DEFAULT_MODEL = "smollm2-135m"
@@ -135,11 +137,12 @@ ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "max_batch": (int,), "max_waiting": (int,), "kv_blocks": (int,), "block_size": (int,),
     "prefill_chunk": (int,),
 }
+_PACE = (lambda v: v in PACES, " or ".join(f'"{p}"' for p in PACES))
 ENTRY_LIMITS = {  # key -> (check, what it must be)
     "name": (lambda v: v.strip() != "", "a non-empty string"),
     "aliases": (lambda v: all(isinstance(a, str) and a.strip() for a in v), "a list of non-empty strings"),
     "status": (lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}"),
-    "pace": (lambda v: v in ("realtime", "none"), '"realtime" or "none"'),
+    "pace": _PACE,
     "max_batch": (lambda v: 1 <= v <= 1024, "in [1, 1024]"),
     "max_waiting": (lambda v: v >= 0, ">= 0"),
     "kv_blocks": (lambda v: v >= 1, ">= 1"),
@@ -161,7 +164,7 @@ SERVER_LIMITS = {  # key -> (check, what it must be)
     "session_idle_timeout_s": (lambda v: v > 0, "> 0"),
     "threads": (lambda v: v >= 1, ">= 1"),
     "engine_nice": (lambda v: 0 <= v <= 19, "in [0, 19]"),
-    "pace": (lambda v: v in ("realtime", "none"), '"realtime" or "none"'),
+    "pace": _PACE,
 }
 TOP_LEVEL_KEYS = ("default", "server", "models")
 
