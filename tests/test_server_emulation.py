@@ -72,6 +72,24 @@ def test_engine_behind_the_wafer_reports_lateness(client):
     assert e["final_lag_ms"] == pytest.approx(tokens[-1].late_us / 1e3)
 
 
+def test_a_coalesced_chunk_is_late_by_its_last_tokens_time(client):
+    """A chunk of 4 is held until its last token is due; its earlier tokens are not counted late
+    for the wait the client asked for (each token of a chunk carries the chunk's lateness)."""
+    items = list(client.generate("pace me", model="tiny-paced", max_tokens=12, temperature=0,
+                                 coalesce=4))
+    tokens = [i for i in items if isinstance(i, Token)]
+    chunks: dict[int, list[Token]] = {}
+    for t in tokens:
+        chunks.setdefault(t.received_ns, []).append(t)
+    assert [len(c) for c in chunks.values()] == [4, 4, 4]
+    for chunk in chunks.values():
+        assert len({t.late_us for t in chunk}) == 1, [t.late_us for t in chunk]
+        # held, never released before its last token's time
+        assert chunk[0].sim_time_us < chunk[-1].sim_time_us
+    e = items[-1].emulation
+    assert e["max_late_ms"] == pytest.approx(max(t.late_us for t in tokens) / 1e3)
+
+
 def test_unemulated_model_carries_no_sim_times(client):
     _, tokens, done = run(client, "tiny", 4)
     assert all(t.sim_time_us is None and t.late_us is None for t in tokens)

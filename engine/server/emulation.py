@@ -87,10 +87,11 @@ class StreamClock:
             while time.monotonic_ns() < due_ns:
                 await asyncio.sleep(0)
 
-    def lateness_us(self, sim_time_us: int, sent_ns: int) -> int:
+    def lateness_us(self, sim_time_us: int, sent_ns: int, n_tokens: int = 1) -> int:
+        """How late a chunk of ``n_tokens`` due at ``sim_time_us`` left at ``sent_ns``."""
         late = max(0, (sent_ns - self.arrival_ns) // 1000 - sim_time_us)
         self.max_late_us = max(self.max_late_us, late)
         self.last_late_us = late
         if late > LATE_SLACK_US:
-            self.late_tokens += 1
+            self.late_tokens += n_tokens
         return late

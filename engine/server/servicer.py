@@ -292,7 +292,10 @@ class StreamState:
             await self.emu.wait_until(c.sim_time_us[-1])
         now = time.monotonic_ns()
         if self.emu is not None and c.sim_time_us:
-            c.late_us.extend(self.emu.lateness_us(t, now) for t in c.sim_time_us)
+            # a coalesced chunk leaves when its last token is due (the wafer would hold the
+            # earlier ones for it too): each of its tokens is as late as the chunk
+            late = self.emu.lateness_us(c.sim_time_us[-1], now, len(c.sim_time_us))
+            c.late_us.extend([late] * len(c.sim_time_us))
             if self.metrics is not None:
                 h = self.metrics.emulation_lateness.labels(self.model_name)
                 for late in c.late_us:
