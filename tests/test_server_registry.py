@@ -148,6 +148,18 @@ def test_serve_refuses_a_registry_with_nothing_to_serve(tmp_path):
     assert "every model in the registry is retired" in out.stderr and "old, older" in out.stderr
 
 
+def test_a_retired_default_is_named_at_start():
+    r = Registry.from_dict({"default": "old", "models": [
+        {"name": "old", "path": "x", "status": "deprecated", "sunset": "2001-01-01", "successor": "new"},
+        {"name": "new", "path": "y"}]})
+    assert r.default_warning() == ("the default model is retired: requests that name no model are "
+                                   "refused (model='old' is retired (since 2001-01-01); use its "
+                                   "successor 'new'); set default = <a served model> in the registry")
+    served = Registry.from_dict({"default": "new", "models": [
+        {"name": "old", "status": "retired"}, {"name": "new", "path": "y"}]})
+    assert served.default_warning() is None
+
+
 def test_serve_names_a_malformed_value(tmp_path, capsys):
     from engine.cli import main
 

@@ -78,6 +78,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
         print(f"wafer serve: error: every model in the registry is retired (or past its sunset): "
               f"{', '.join(registry.names())}; nothing to serve", file=sys.stderr)
         return 2
+    if warning := registry.default_warning():
+        print(f"wafer serve: warning: {warning}", file=sys.stderr)
     conf = registry.server
     pick = lambda flag, key, default: flag if flag is not None else conf.get(key, default)  # noqa: E731
     metrics_port = pick(args.metrics_port, "metrics_port", 9400)

@@ -287,3 +287,12 @@ class Registry:
 
     def served(self) -> list[ModelEntry]:
         return [e for e in self.entries if e.effective_status() != RETIRED]
+
+    def default_warning(self) -> str | None:
+        """Why requests naming no model will be refused, if the default is retired (an operator
+        may have meant its successor); None if the default is served."""
+        e = self.lookup("")
+        if e.effective_status() != RETIRED:
+            return None
+        return (f"the default model is retired: requests that name no model are refused "
+                f"({RetiredModel(e)}); set default = <a served model> in the registry")
