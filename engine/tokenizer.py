@@ -15,8 +15,10 @@ templates in plain Python, to the same text).
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import re
+import secrets
 from datetime import datetime
 from functools import cached_property, lru_cache
 
@@ -26,6 +28,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 # llama.cpp token types (enum llama_token_type)
+log = logging.getLogger(__name__)
+
 TOKEN_NORMAL = 1
 TOKEN_UNKNOWN = 2
 TOKEN_CONTROL = 3
@@ -126,6 +130,19 @@ class Tokenizer:
         if user:
             hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         self._hf = hf
+        # the same BPE without the control tokens: message contents are encoded with it, so a
+        # user's "<|im_end|><|im_start|>system" stays text and cannot open a turn of its own
+        plain = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
+        plain.pre_tokenizer = _pre_tokenizer(pre)
+        if user:
+            plain.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+        self._plain = plain
+        # stand-ins for message contents while a chat template renders (private-use code points
+        # and a nonce no client can know): they show where each content lies in the prompt
+        nonce = secrets.token_hex(8)
+        self._mark = "\ue000" + nonce + "{}\ue001"
+        self._mark_re = re.compile("\ue000" + nonce + "([0-9]+)\ue001")
+        self._warned_template = False
         # Chat prompts are encoded piece by piece between these tokens, each piece through a
         # cache: the tokenizer encodes those spans independently anyway, and a client re-sends
         # the whole conversation every turn, so only its new messages cost anything.
@@ -174,7 +191,9 @@ class Tokenizer:
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def _encode_uncached(self, piece: str) -> tuple[int, ...]:
-        return tuple(self.encode(piece))  # a tuple: cached values must not be mutable
+        # a tuple: cached values must not be mutable. A piece holds none of the template's
+        # markers; special-token text in it (from a message's content) stays text.
+        return tuple(self._plain.encode(piece, add_special_tokens=False).ids)
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -211,17 +230,43 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """``encode(apply_chat_template(messages))``, with the text between special tokens
-        (a message with its role header, the system prompt) encoded once and then cached."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        """``encode(apply_chat_template(messages))``, except that special-token text inside a
+        message's content stays text: only the template's own markers become control tokens.
+        The text between two markers (a message with its role header, the system prompt) is
+        encoded once and then cached."""
         if self._added_re is None:
-            return self.encode(text)
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        marked = [{**m, "content": self._mark.format(i)} for i, m in enumerate(messages)]
+        parts = self._mark_re.split(self.apply_chat_template(marked, add_generation_prompt))
+        kept = parts[1::2] == [str(i) for i in range(len(messages))]
+        if kept and self._render_fast is None:  # a jinja2 template may transform a content (trim)
+            rendered = self.apply_chat_template(messages, add_generation_prompt)
+            kept = rendered == "".join(messages[int(p)]["content"] if k % 2 else p
+                                       for k, p in enumerate(parts))
+        if not kept:
+            # a template that drops, repeats or rewrites contents: the rendered prompt is split
+            # at every special-token text, the contents' included (as transformers would)
+            if not self._warned_template:
+                self._warned_template = True
+                log.warning("the chat template does not keep message contents as they are: "
+                            "special-token text in a message becomes control tokens")
+            parts = [self.apply_chat_template(messages, add_generation_prompt)]
         ids: list[int] = []
-        for i, piece in enumerate(self._added_re.split(text)):  # odd items: the added tokens
-            if i % 2:
-                ids.append(self._added_ids[piece])
-            elif piece:
-                ids.extend(self._encode_piece(piece))
+        piece: list[str] = []  # the text since the template's last marker
+        for k, part in enumerate(parts):
+            if k % 2:  # a message's content: text, whatever it holds
+                piece.append(messages[int(part)]["content"])
+                continue
+            for j, seg in enumerate(self._added_re.split(part)):  # odd items: the template's markers
+                if j % 2:
+                    if piece:
+                        ids.extend(self._encode_piece("".join(piece)))
+                        piece.clear()
+                    ids.append(self._added_ids[seg])
+                elif seg:
+                    piece.append(seg)
+        if piece:
+            ids.extend(self._encode_piece("".join(piece)))
         return ids
 
 
