@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine.server.app import ServerOptions
 from engine.server.client import Completion, SessionError, Token, WaferClient
 from engine.server.registry import ModelEntry, Registry
-from engine.server.servicer import PROBE_CHARS_PER_TOKEN, abandoned_status
+from engine.server.servicer import PROBE_CHARS_PER_TOKEN, Invalid, abandoned_status, sampling_params
 from engine.server.testing import ServerThread
 from protos import wafer_pb2 as pb
 
@@ -220,6 +220,8 @@ def test_invalid_inputs(client, server):
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5000000])), "token_ids[1]"),
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * (CONTEXT + 5))), "context"),
         (pb.GenerateRequest(text="x", coalesce_tokens=1000), "coalesce_tokens"),
+        (pb.GenerateRequest(text="x", request_id="r" * 257), "request_id has 257 characters, limit 256"),
+        (pb.GenerateRequest(text="x", request_id="a\nfake log line"), "request_id must be one line"),
         # many tiny messages: refused on their count, not encoded first
         (pb.GenerateRequest(messages=pb.Messages(messages=[pb.ChatMessage(role="user", content="a")]
                                                  * (CONTEXT + 1))), f"{CONTEXT + 1} messages cannot fit"),
@@ -238,6 +240,28 @@ def test_invalid_inputs(client, server):
             list(client.stub.Generate(req, timeout=10))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, req
         assert needle in e.value.details()
+
+
+def test_sampling_limits_named_exactly():
+    """An unset max_tokens fits a KV pool smaller than the context (an explicit one is refused
+    naming the pool); a value just past a bound is not printed rounded into it."""
+    limits = dict(vocab_size=320, context_length=1024, prompt_len=2, kv_tokens=128)
+    assert sampling_params(pb.SamplingParams(), **limits).max_tokens == 126
+    with pytest.raises(Invalid, match="exceed the KV pool of 128 tokens"):
+        sampling_params(pb.SamplingParams(max_tokens=127), **limits)
+    with pytest.raises(Invalid, match=r"top_p=1\.0000001\d* must be in \(0, 1\]"):
+        sampling_params(pb.SamplingParams(top_p=1.0000001), **limits)
+
+
+def test_session_idle_timeout_is_bounded(client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.session(idle_timeout_s=10**6)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "idle_timeout_s=1000000 exceeds the limit of 86400 s" in e.value.details()
+    with client.session() as s:
+        with pytest.raises(SessionError, match="turn_id has 300 characters, limit 256"):
+            list(s.turn("hi", turn_id="t" * 300, max_tokens=2))
+        assert isinstance(list(s.turn("hi", max_tokens=2, temperature=0))[-1], Completion)  # goes on
 
 
 def test_abandoned_call_status():

@@ -40,6 +40,8 @@ MAX_STOP_TOKEN_IDS = 256
 DEADLINE_SLACK_S = 0.05  # a call abandoned this close to its deadline counts as DEADLINE_EXCEEDED
 ROLES = ("system", "user", "assistant")
 MAX_QUEUED_TURNS = 4  # session turns sent while one runs wait in order, up to this many
+MAX_ID_CHARS = 256  # request_id, turn_id
+MAX_IDLE_TIMEOUT_S = 86_400  # a session a client asks to keep while idle: at most a day
 PROBE_CHARS_PER_TOKEN = 8  # a prompt longer than context x this is first checked on a prefix
 
 
@@ -158,18 +160,18 @@ def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: i
 
     temperature = finite("temperature", sp.temperature) if sp.HasField("temperature") else 1.0
     if not 0.0 <= temperature <= 100.0:
-        raise _invalid(f"temperature={temperature:g} must be in [0, 100]")
+        raise _invalid(f"temperature={temperature:.9g} must be in [0, 100]")
     if not 0 <= sp.top_k <= vocab_size:
         raise _invalid(f"top_k={sp.top_k} must be in [0, {vocab_size}] (0 = off; vocab size {vocab_size})")
     top_p = finite("top_p", sp.top_p) if sp.HasField("top_p") else 1.0
     if not 0.0 < top_p <= 1.0:
-        raise _invalid(f"top_p={top_p:g} must be in (0, 1]")
+        raise _invalid(f"top_p={top_p:.9g} must be in (0, 1]")
     min_p = finite("min_p", sp.min_p)
     if not 0.0 <= min_p <= 1.0:
-        raise _invalid(f"min_p={min_p:g} must be in [0, 1]")
+        raise _invalid(f"min_p={min_p:.9g} must be in [0, 1]")
     rep = finite("repetition_penalty", sp.repetition_penalty) if sp.HasField("repetition_penalty") else 1.0
     if not 0.0 < rep <= 10.0:
-        raise _invalid(f"repetition_penalty={rep:g} must be in (0, 10]")
+        raise _invalid(f"repetition_penalty={rep:.9g} must be in (0, 10]")
     room = context_length - prompt_len
     if room < 1:
         raise _invalid(f"prompt of {prompt_len} tokens leaves no room in the model's context of "
@@ -181,8 +183,10 @@ def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: i
         if max_tokens > room:
             raise _invalid(f"max_tokens={max_tokens} exceeds the model's context of {context_length} "
                            f"(prompt {prompt_len} tokens + max_tokens {max_tokens} > {context_length})")
-    else:
+    else:  # the default never exceeds what the context or the KV pool can hold
         max_tokens = min(DEFAULT_MAX_TOKENS, room)
+        if kv_tokens is not None and kv_tokens - prompt_len >= 1:
+            max_tokens = min(max_tokens, kv_tokens - prompt_len)
     if kv_tokens is not None and prompt_len + max_tokens > kv_tokens:
         raise _invalid(f"max_tokens={max_tokens}: prompt {prompt_len} + max_tokens {max_tokens} tokens "
                        f"exceed the KV pool of {kv_tokens} tokens")
@@ -211,6 +215,14 @@ def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: i
     except ValueError as e:
         raise _invalid(str(e)) from None
     return params
+
+
+def check_id(field: str, value: str) -> None:
+    """A client's id goes into logs and replies: bounded, one line."""
+    if len(value) > MAX_ID_CHARS:
+        raise _invalid(f"{field} has {len(value)} characters, limit {MAX_ID_CHARS}")
+    if any(c in value for c in "\r\n"):
+        raise _invalid(f"{field} must be one line (no line breaks)")
 
 
 def coalesce_of(n: int) -> int:
@@ -530,6 +542,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                                      context_length=cfg.context_length, prompt_len=len(ids),
                                      kv_tokens=rt.kv_tokens)
             coalesce = coalesce_of(request.coalesce_tokens)
+            check_id("request_id", request.request_id)
         except Invalid as e:
             await self._abort(context, e, name, md)
             return
@@ -621,6 +634,8 @@ class WaferServicer(pb_grpc.WaferServicer):
                 if md:
                     context.set_trailing_metadata(md)
                 idle = first.open.idle_timeout_s or None
+                if idle is not None and idle > MAX_IDLE_TIMEOUT_S:
+                    raise _invalid(f"idle_timeout_s={idle} exceeds the limit of {MAX_IDLE_TIMEOUT_S} s")
                 session = rt.scheduler.open_session(idle, owner=(loop, q))
             except Invalid as e:
                 await self._abort(context, e, entry.name if entry else first.open.model, md)
@@ -667,6 +682,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                                              context_length=cfg.context_length, prompt_len=total,
                                              kv_tokens=rt.kv_tokens)
                     coalesce = coalesce_of(t.coalesce_tokens)
+                    check_id("turn_id", t.turn_id)
                 except Invalid as e:
                     return pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(
                         code=e.code.name, message=e.message))
