@@ -65,7 +65,8 @@ class WaferServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """One completion, streamed as token chunks followed by exactly one Final message.
+        """One completion, streamed as token chunks followed by exactly one Final message. A deadline
+        or an engine error ends the call with a status instead of a Final.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,27 +74,33 @@ class WaferServicer:
 
     def Session(self, request_iterator, context):
         """A persistent conversation: the server keeps the sequence's KV cache between turns, so a
-        follow-up turn only prefills its new tokens. First message must be `open`. Turns sent while
-        one runs wait in order (up to 4); a half-close finishes them, then ends the stream.
+        follow-up turn only prefills its new tokens. The first message must be `open`. Turns sent
+        while one runs wait in order (up to 4; the next is refused with a TurnError
+        RESOURCE_EXHAUSTED); a half-close lets them finish, then ends the stream with OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every model in the registry, retired ones included.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One model by name or alias (empty = the default); a retired model is described too (its
+        Generate is refused). NOT_FOUND for an unknown name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Tokenize(self, request, context):
-        """a prompt longer than the context is refused, as in Generate
+        """The prompt's token ids as Generate would see them (chat template applied to messages). A
+        prompt longer than the context is refused; Generate also needs one position left to
+        generate into, so it refuses a prompt of exactly the context length.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

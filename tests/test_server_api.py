@@ -297,7 +297,7 @@ def test_unknown_model_not_found(client):
 # ------------------------------------------------------------------------------ models
 
 
-def test_models_and_lifecycle(client):
+def test_models_and_lifecycle(client, server):
     models = {m.name: m for m in client.list_models()}
     assert set(models) == {"tiny", "tiny-2024", "tiny-2020", "tiny-narrow"}
     t = models["tiny"]
@@ -306,6 +306,9 @@ def test_models_and_lifecycle(client):
     assert models["tiny-2024"].lifecycle.status == "deprecated"
     assert models["tiny-2020"].lifecycle.status == "retired" and not models["tiny-2020"].loaded
     assert client.get_model("tiny-latest").name == "tiny"
+    assert [m.name for m in models.values() if m.is_default] == ["tiny"]
+    assert t.kv_pool_tokens == server.runtime("tiny").kv_tokens > 0
+    assert models["tiny-2020"].kv_pool_tokens == 0
 
 
 def test_deprecated_model_served_with_trailing_metadata(client):

@@ -816,6 +816,7 @@ class WaferServicer(pb_grpc.WaferServicer):
             lifecycle=pb.Lifecycle(status=entry.effective_status(), sunset=entry.sunset,
                                    successor=entry.successor),
             emulate=self.server.emulate_target(entry),
+            is_default=entry is self.server.registry.lookup(""),
         )
         rt = self.server.runtime_for(entry)
         if rt is not None and rt.is_ready:
@@ -827,6 +828,7 @@ class WaferServicer(pb_grpc.WaferServicer):
             info.vocab_size = c.vocab_size
             info.n_layers = c.n_layers
             info.d_model = c.d_model
+            info.kv_pool_tokens = rt.kv_tokens
             info.loaded = True
         return info
 
