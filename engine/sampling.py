@@ -7,6 +7,7 @@ per request, so a seed makes a completion reproducible.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -36,40 +37,53 @@ class SamplingParams:
 
     MAX_LOGPROBS = 20
     MAX_STOP_STRINGS = 16
+    MAX_STOP_CHARS = 256
+    MAX_STOP_TOKEN_IDS = 256
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     def validate(self, vocab_size: int, context_length: int, prompt_len: int = 0) -> None:
-        """Raise ValueError naming the field, its value and the limit."""
+        """Raise ValueError naming the field, its value and the limit (the server's
+        INVALID_ARGUMENT messages are these)."""
         def bad(msg):
             raise ValueError(msg)
 
-        if not (0.0 <= self.temperature <= 100.0) or self.temperature != self.temperature:
-            bad(f"temperature={self.temperature} must be in [0, 100] (0 = greedy)")
-        if self.top_k < 0 or self.top_k > vocab_size:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                bad(f"{name}={getattr(self, name)} must be a finite number")
+        # .9g: a float32 just past a bound (top_p=1.0000001) is not printed rounded into it
+        if not 0.0 <= self.temperature <= 100.0:
+            bad(f"temperature={self.temperature:.9g} must be in [0, 100] (0 = greedy)")
+        if not 0 <= self.top_k <= vocab_size:
             bad(f"top_k={self.top_k} must be in [0, {vocab_size}] (0 = off)")
-        if not (0.0 < self.top_p <= 1.0):
-            bad(f"top_p={self.top_p} must be in (0, 1]")
-        if not (0.0 <= self.min_p <= 1.0):
-            bad(f"min_p={self.min_p} must be in [0, 1]")
-        if not (0.0 < self.repetition_penalty <= 10.0):
-            bad(f"repetition_penalty={self.repetition_penalty} must be in (0, 10]")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p={self.top_p:.9g} must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad(f"min_p={self.min_p:.9g} must be in [0, 1]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            bad(f"repetition_penalty={self.repetition_penalty:.9g} must be in (0, 10]")
         if self.max_tokens < 1:
             bad(f"max_tokens={self.max_tokens} must be at least 1")
         if prompt_len + self.max_tokens > context_length:
-            bad(f"max_tokens={self.max_tokens} plus the prompt's {prompt_len} tokens exceeds "
-                f"the model's context of {context_length}")
-        if not (0 <= self.logprobs <= self.MAX_LOGPROBS):
+            bad(f"max_tokens={self.max_tokens} exceeds the model's context of {context_length} "
+                f"(prompt {prompt_len} tokens + max_tokens {self.max_tokens} > {context_length}; "
+                f"at most {max(0, context_length - prompt_len)})")
+        if not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             bad(f"logprobs={self.logprobs} must be in [0, {self.MAX_LOGPROBS}]")
         if len(self.stop) > self.MAX_STOP_STRINGS:
-            bad(f"stop has {len(self.stop)} strings; the limit is {self.MAX_STOP_STRINGS}")
-        if any(s == "" for s in self.stop):
-            bad("stop contains an empty string")
-        for t in self.stop_token_ids:
-            if not (0 <= t < vocab_size):
-                bad(f"stop_token_ids contains {t}, outside the vocabulary [0, {vocab_size})")
+            bad(f"stop: {len(self.stop)} strings, limit {self.MAX_STOP_STRINGS}")
+        for i, s in enumerate(self.stop):
+            if not s:
+                bad(f"stop[{i}] is empty")
+            if len(s) > self.MAX_STOP_CHARS:
+                bad(f"stop[{i}] has {len(s)} characters, limit {self.MAX_STOP_CHARS}")
+        if len(self.stop_token_ids) > self.MAX_STOP_TOKEN_IDS:
+            bad(f"stop_token_ids: {len(self.stop_token_ids)} ids, limit {self.MAX_STOP_TOKEN_IDS}")
+        for i, t in enumerate(self.stop_token_ids):
+            if not 0 <= t < vocab_size:
+                bad(f"stop_token_ids[{i}]={t} is outside the vocabulary [0, {vocab_size})")
         if self.seed is not None and not (0 <= self.seed < 2**64):
             bad(f"seed={self.seed} must be in [0, 2^64)")
 

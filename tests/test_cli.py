@@ -57,7 +57,7 @@ def test_generate_streams_the_real_answer(real_model_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--model", "no-such-model"], "neither a known model"),
-    (["--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
+    (["--top-p", "0"], "top_p=0 must be in (0, 1]"),
     (["--max-tokens", "100000"], "exceeds the model's context of 256"),
 ])
 def test_errors_are_one_line_and_nonzero(tiny_gguf, args, needle):

@@ -71,15 +71,18 @@ def test_logprobs_are_normalised_and_sorted():
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("top_p", 0.0, "top_p=0.0 must be in (0, 1]"),
+    ("top_p", 0.0, "top_p=0 must be in (0, 1]"),
     ("top_p", 1.5, "top_p=1.5"),
-    ("temperature", -1.0, "temperature=-1.0"),
+    ("temperature", -1.0, "temperature=-1 must be in [0, 100]"),
     ("top_k", V + 1, f"top_k={V + 1} must be in [0, {V}]"),
     ("max_tokens", 0, "max_tokens=0"),
     ("max_tokens", 5000, "exceeds the model's context of 2048"),
-    ("stop_token_ids", (V,), f"stop_token_ids contains {V}"),
+    ("stop_token_ids", (V,), f"stop_token_ids[0]={V} is outside the vocabulary [0, {V})"),
+    ("top_p", 1.0000001, "top_p=1.0000001 must be in (0, 1]"),
+    ("temperature", float("nan"), "temperature=nan must be a finite number"),
+    ("stop", ("x" * 257,), "stop[0] has 257 characters, limit 256"),
     ("logprobs", 50, "logprobs=50"),
-    ("repetition_penalty", 0.0, "repetition_penalty=0.0"),
+    ("repetition_penalty", 0.0, "repetition_penalty=0 must be in (0, 10]"),
 ])
 def test_validation_names_the_field_and_the_limit(field, value, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")

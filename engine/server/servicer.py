@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "wafer.v1.Wafer"
 DEFAULT_MAX_TOKENS = 256
 MAX_COALESCE = 256
-MAX_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
-MAX_STOP_LEN = 256
-MAX_STOP_TOKEN_IDS = 256
 DEADLINE_SLACK_S = 0.05  # a call abandoned this close to its deadline counts as DEADLINE_EXCEEDED
 ROLES = ("system", "user", "assistant")
 MAX_QUEUED_TURNS = 4  # session turns sent while one runs wait in order, up to this many
@@ -152,61 +148,25 @@ async def prompt_ids_off_loop(tokenizer, vocab_size: int, which: str | None, msg
 
 def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: int,
                     prompt_len: int, kv_tokens: int | None = None):
-    """Validate a proto SamplingParams into an engine SamplingParams (field-naming errors)."""
-    def finite(name, v):
-        if not math.isfinite(v):
-            raise _invalid(f"{name}={v} must be a finite number")
-        return v
-
-    temperature = finite("temperature", sp.temperature) if sp.HasField("temperature") else 1.0
-    if not 0.0 <= temperature <= 100.0:
-        raise _invalid(f"temperature={temperature:.9g} must be in [0, 100]")
-    if not 0 <= sp.top_k <= vocab_size:
-        raise _invalid(f"top_k={sp.top_k} must be in [0, {vocab_size}] (0 = off; vocab size {vocab_size})")
-    top_p = finite("top_p", sp.top_p) if sp.HasField("top_p") else 1.0
-    if not 0.0 < top_p <= 1.0:
-        raise _invalid(f"top_p={top_p:.9g} must be in (0, 1]")
-    min_p = finite("min_p", sp.min_p)
-    if not 0.0 <= min_p <= 1.0:
-        raise _invalid(f"min_p={min_p:.9g} must be in [0, 1]")
-    rep = finite("repetition_penalty", sp.repetition_penalty) if sp.HasField("repetition_penalty") else 1.0
-    if not 0.0 < rep <= 10.0:
-        raise _invalid(f"repetition_penalty={rep:.9g} must be in (0, 10]")
+    """A proto SamplingParams as an engine SamplingParams: unset optional fields take their
+    defaults, then the engine's own checks (each names the field and the limit) and the KV pool's."""
     room = context_length - prompt_len
     if room < 1:
         raise _invalid(f"prompt of {prompt_len} tokens leaves no room in the model's context of "
                        f"{context_length} tokens")
     if sp.HasField("max_tokens"):
         max_tokens = sp.max_tokens
-        if max_tokens < 1:
-            raise _invalid(f"max_tokens={max_tokens} must be at least 1")
-        if max_tokens > room:
-            raise _invalid(f"max_tokens={max_tokens} exceeds the model's context of {context_length} "
-                           f"(prompt {prompt_len} tokens + max_tokens {max_tokens} > {context_length})")
     else:  # the default never exceeds what the context or the KV pool can hold
         max_tokens = min(DEFAULT_MAX_TOKENS, room)
         if kv_tokens is not None and kv_tokens - prompt_len >= 1:
             max_tokens = min(max_tokens, kv_tokens - prompt_len)
-    if kv_tokens is not None and prompt_len + max_tokens > kv_tokens:
-        raise _invalid(f"max_tokens={max_tokens}: prompt {prompt_len} + max_tokens {max_tokens} tokens "
-                       f"exceed the KV pool of {kv_tokens} tokens")
-    if len(sp.stop) > MAX_STOP_STRINGS:
-        raise _invalid(f"stop: {len(sp.stop)} strings, limit {MAX_STOP_STRINGS}")
-    for i, s in enumerate(sp.stop):
-        if not s:
-            raise _invalid(f"stop[{i}] is empty")
-        if len(s) > MAX_STOP_LEN:
-            raise _invalid(f"stop[{i}] has {len(s)} characters, limit {MAX_STOP_LEN}")
-    if len(sp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise _invalid(f"stop_token_ids: {len(sp.stop_token_ids)} ids, limit {MAX_STOP_TOKEN_IDS}")
-    for i, t in enumerate(sp.stop_token_ids):
-        if not 0 <= t < vocab_size:
-            raise _invalid(f"stop_token_ids[{i}]={t} is an unknown token id (vocab size {vocab_size})")
-    if not 0 <= sp.logprobs <= MAX_LOGPROBS:
-        raise _invalid(f"logprobs={sp.logprobs} must be in [0, {MAX_LOGPROBS}]")
     params = SamplingParams(
-        temperature=float(temperature), top_k=int(sp.top_k), top_p=float(top_p), min_p=float(min_p),
-        repetition_penalty=float(rep), seed=int(sp.seed) if sp.HasField("seed") else None,
+        temperature=sp.temperature if sp.HasField("temperature") else 1.0,
+        top_k=int(sp.top_k),
+        top_p=sp.top_p if sp.HasField("top_p") else 1.0,
+        min_p=sp.min_p,
+        repetition_penalty=sp.repetition_penalty if sp.HasField("repetition_penalty") else 1.0,
+        seed=int(sp.seed) if sp.HasField("seed") else None,
         max_tokens=int(max_tokens), stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids),
         logprobs=int(sp.logprobs),
     )
@@ -214,6 +174,9 @@ def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: i
         params.validate(vocab_size, context_length, prompt_len)
     except ValueError as e:
         raise _invalid(str(e)) from None
+    if kv_tokens is not None and prompt_len + max_tokens > kv_tokens:
+        raise _invalid(f"max_tokens={max_tokens}: prompt {prompt_len} + max_tokens {max_tokens} tokens "
+                       f"exceed the KV pool of {kv_tokens} tokens")
     return params
 
 
