@@ -95,6 +95,8 @@ def _guard(fn):
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
+        except BrokenPipeError:  # the reader of our output left: wafer's main says nothing
+            raise
         except (CliError, PlacementError, ValueError, KeyError, OSError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"wafer sim: error: {msg}", file=sys.stderr)
@@ -306,7 +308,7 @@ def cmd_trace(args) -> int:
         return 0
     print(f"{s['model']} on {s['wafers']} x {s['hardware']}: {s['requests']} requests, {s['tokens']:,} tokens "
           f"over {s['span_s']:.2f} s simulated ({s['throughput_tokens_per_s']:,.0f} tok/s), "
-          f"max {args.max_in_flight} in flight")
+          f"at most {min(args.max_in_flight, len(reqs))} in flight")
     print(f"  KV reserved for {p.context:,} tokens x {p.batch} sequence(s) = {p.kv_tokens:,} tokens")
     for k in ("ttft_us", "itl_us"):
         v = s[k]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
+import logging
+import re
 import time
 import urllib.request
 
@@ -269,6 +271,23 @@ def test_abandoned_call_status():
     client's own timer fires while the server's copy of the deadline has a few ms left."""
     assert abandoned_status(0.004) == abandoned_status(-1.0) == "DEADLINE_EXCEEDED"
     assert abandoned_status(None) == abandoned_status(5.0) == "CANCELLED"
+
+
+def test_client_names_a_misplaced_keyword():
+    from engine.server.client import sampling
+
+    with pytest.raises(TypeError, match="text= is not a sampling parameter.*raw text is the first argument"):
+        sampling(text="hi")
+
+
+def test_calls_without_ids_are_named_in_the_log(client, caplog):
+    caplog.set_level(logging.DEBUG, logger="engine.scheduler")
+    list(client.generate("log me", max_tokens=2, temperature=0))
+    with client.session() as s:
+        list(s.turn("and me", turn_id="t-7", max_tokens=2, temperature=0))
+    finished = [r.getMessage() for r in caplog.records if "finished" in r.getMessage()]
+    assert any(re.match(r"request 'g\d+' ", m) for m in finished), finished
+    assert any(re.match(r"request 's\d+/t-7' ", m) for m in finished), finished
 
 
 def test_client_keeps_text_that_comes_without_a_token():

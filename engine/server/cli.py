@@ -22,7 +22,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--emulate", default=None, metavar="HW:MODEL",
                    help="stamp/pace tokens on a simulated wafer, e.g. wse3:llama-3.1-8b")
     p.add_argument("--pace", choices=("realtime", "none"), default=None,
-                   help="with --emulate: release tokens at their simulated time (realtime) or only stamp them")
+                   help="with --emulate: release tokens at their simulated time (realtime, the default) "
+                        "or only stamp them (none)")
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
     p.add_argument("--engine-nice", type=int, default=None,
                    help="niceness of the compute threads, so token streaming preempts them (default 5; 0 = off)")

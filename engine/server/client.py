@@ -115,6 +115,10 @@ def sampling(**kw) -> pb.SamplingParams:
     server checks the rest)."""
     sp = pb.SamplingParams()
     for k, v in kw.items():
+        if k not in sp.DESCRIPTOR.fields_by_name:
+            raise TypeError(f"{k}= is not a sampling parameter (those are "
+                            f"{', '.join(sp.DESCRIPTOR.fields_by_name)}); raw text is the first "
+                            f"argument, chat input messages=, ids token_ids=")
         if v is None:
             continue
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import math
 import queue
@@ -437,6 +438,7 @@ class WaferServicer(pb_grpc.WaferServicer):
     def __init__(self, server):
         self.server = server  # engine.server.app.WaferServer: registry, runtimes, metrics, draining
         self.active_streams = 0
+        self._call_ids = itertools.count(1)  # names the calls that bring no request_id, in logs
 
     # ---------------------------------------------------------------- helpers
 
@@ -512,7 +514,7 @@ class WaferServicer(pb_grpc.WaferServicer):
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req = sch.Request(ids, params, request_id=request.request_id,
+        req = sch.Request(ids, params, request_id=request.request_id or f"g{next(self._call_ids)}",
                           deadline_ns=self._deadline_ns(context), owner=(loop, q), arrival_ns=arrival)
         try:
             rt.scheduler.submit(req)
@@ -649,7 +651,8 @@ class WaferServicer(pb_grpc.WaferServicer):
                 except Invalid as e:
                     return pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(
                         code=e.code.name, message=e.message))
-                req = sch.Request(prompt, params, request_id=t.turn_id, session=session,
+                req = sch.Request(prompt, params, request_id=f"{session.session_id}/{t.turn_id}",
+                                  session=session,
                                   replace=replace, deadline_ns=self._deadline_ns(context),
                                   owner=(loop, q), arrival_ns=arrival)
                 try:
