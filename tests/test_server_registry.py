@@ -173,6 +173,7 @@ def test_serve_model_flag_keeps_a_known_models_aliases():
     """`wafer serve --model smollm2-135m` answers to the alias the README's examples use."""
     from engine.server.cli import _builtin_entry
 
-    assert _builtin_entry("smollm2-135m").aliases == ("smollm2",)
+    assert _builtin_entry("smollm2-135m").aliases == ("smollm2-135m-instruct", "smollm2")
     assert _builtin_entry("smollm2").name == "smollm2-135m"
+    assert _builtin_entry("smollm2-135m-instruct").name == "smollm2-135m"  # as `wafer models pull`
     assert _builtin_entry("/models/other.gguf") is None

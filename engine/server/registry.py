@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.fetch import known_model
 from engine.server.emulation import PACES
 
 ACTIVE, DEPRECATED, RETIRED = "active", "deprecated", "retired"
@@ -224,7 +225,8 @@ class Registry:
 
     @classmethod
     def builtin(cls) -> "Registry":
-        return cls([ModelEntry(name=DEFAULT_MODEL, path=DEFAULT_MODEL, aliases=("smollm2",))])
+        # the names `wafer models pull` knows it by
+        return cls([ModelEntry(name=DEFAULT_MODEL, path=DEFAULT_MODEL, aliases=known_model(DEFAULT_MODEL).aliases)])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Registry":
