@@ -179,7 +179,7 @@ def cmd_plan(args) -> int:
     per_wafer = " / ".join("-" if n is None else f"{n:,}" for n in d["pes_per_layer"])
     print(f"PEs per layer (per wafer): {per_wafer}")
     print(f"{'wafer':>5} {'stages':<16} {'region':>9} {'PEs used':>16} {'weights GB':>10} {'KV GB':>7} "
-          f"{'buffers GB':>10} {'code GB':>8} {'KV cap tok':>11}")
+          f"{'buffers GB':>10} {'reserved GB':>11} {'KV cap tok':>11}")
     for w, wp in zip(d["per_wafer"], p.wafers):
         st = w["stages"]
         span = st[0] if len(st) == 1 else f"{st[0]}..{st[-1]}"
@@ -187,7 +187,7 @@ def cmd_plan(args) -> int:
         cap = "-" if w["kv_capacity_tokens"] is None else f"{w['kv_capacity_tokens']:,}"
         print(f"{w['wafer']:>5} {span:<16} {layer.rows:>4}x{layer.cols:<4} "
               f"{w['pes_used']:>8,}/{w['pes_total']:<7,} {w['weights_gb']:>10.2f} {w['kv_gb']:>7.2f} "
-              f"{w['buffers_gb']:>10.2f} {w['reserved_gb']:>8.2f} {cap:>11}")
+              f"{w['buffers_gb']:>10.2f} {w['reserved_gb']:>11.2f} {cap:>11}")
     return 0
 
 
