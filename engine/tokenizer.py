@@ -27,9 +27,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-# llama.cpp token types (enum llama_token_type)
 log = logging.getLogger(__name__)
 
+# llama.cpp token types (enum llama_token_type)
 TOKEN_NORMAL = 1
 TOKEN_UNKNOWN = 2
 TOKEN_CONTROL = 3

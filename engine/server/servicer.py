@@ -13,7 +13,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
