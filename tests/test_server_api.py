@@ -597,6 +597,46 @@ def test_metrics_move(client, server):
     assert not grew("DEADLINE_EXCEEDED")
 
 
+def test_session_outcomes_are_counted_once(client, server):
+    """A refused turn counts as an error, a cancelled queued turn as a cancelled request, and a
+    turn ended by the stream's deadline once, as DEADLINE_EXCEEDED (as a Generate's deadline)."""
+    key = 'wafer_request_%s_total{%s,model_name="tiny"}'
+    invalid = key % ("errors", 'code="INVALID_ARGUMENT"')
+    cancelled = key % ("success", 'finished_reason="cancelled"')
+    deadline = key % ("errors", 'code="DEADLINE_EXCEEDED"')
+    late = key % ("success", 'finished_reason="deadline"')
+    before = _scrape(server.metrics_url)
+    bad = pb.SessionRequest(turn=pb.Turn(turn_id="bad", text="x", sampling=pb.SamplingParams(top_p=2)))
+    resps = _session_script(client, [pb.SessionRequest(open=pb.SessionOpen()), bad,
+                                     _turn("long", "run", CONTEXT - 10), _turn("queued", "wait"),
+                                     pb.SessionRequest(cancel=pb.CancelTurn(turn_id="queued")),
+                                     pb.SessionRequest(cancel=pb.CancelTurn(turn_id="long"))])
+    assert [(r.turn_id, r.final.finish_reason) for r in resps if r.WhichOneof("kind") == "final"] == [
+        ("queued", "cancelled"), ("long", "cancelled")]
+    after = _scrape(server.metrics_url)
+    assert after[invalid] - before.get(invalid, 0) == 1
+    assert after[cancelled] - before.get(cancelled, 0) == 2
+    def open_then_wait():  # the stream stays open: its deadline ends it mid-turn
+        yield pb.SessionRequest(open=pb.SessionOpen())
+        yield _turn("slow", "slow", CONTEXT - 10)
+        time.sleep(2)
+
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.stub.Session(open_then_wait(), timeout=0.1))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: _scrape(server.metrics_url).get(deadline, 0) - after.get(deadline, 0) == 1)
+    # when the engine's deadline check ends the turn first, the turn gets a final "deadline"
+    # before the status: that final is not counted as a success too
+    from engine.sampling import SamplingParams
+    from engine.scheduler import FINISH_DEADLINE, FinishEvent, SeqStats
+    from engine.server.servicer import StreamState
+
+    st = StreamState("tiny", time.monotonic_ns(), 1, server.server.metrics,
+                     server.runtime().detokenizer(SamplingParams()))
+    assert st.final(FinishEvent(FINISH_DEADLINE, SeqStats())).finish_reason == "deadline"
+    assert _scrape(server.metrics_url).get(late, 0) == after.get(late, 0) == 0
+
+
 def test_health_transitions(model_path):
     reg = Registry([ModelEntry(name="tiny", path=str(model_path))])
     srv = ServerThread(reg, ServerOptions(port=0, metrics_port=None))
@@ -614,6 +654,41 @@ def test_health_transitions(model_path):
             assert wait_until(lambda: _status_or_none(check) != health_pb2.HealthCheckResponse.SERVING)
     finally:
         srv.stop()
+
+
+def test_drain_waits_for_a_slow_step_to_send_the_finals(model_path):
+    """The engine ends its streams after its current model call: a step longer than a few
+    seconds (a long prefill on a busy machine) must still end each stream with its final."""
+    import asyncio
+
+    from engine.server.client import AsyncWaferClient
+
+    reg = Registry([ModelEntry(name="tiny", path=str(model_path), max_batch=8)])
+    with ServerThread(reg, ServerOptions(port=0, metrics_port=None)) as srv:
+        model = srv.runtime().model
+        decode, slept = model.decode, []
+
+        def slow_decode(*args):
+            if not slept:  # the step the drain will find running
+                slept.append(True)
+                time.sleep(3.5)  # past the 2.5 s the drain used to wait
+            return decode(*args)
+
+        async def stream(c, i):
+            items = [x async for x in c.generate(f"stream {i}", max_tokens=500, temperature=0)]
+            return items[-1].finish_reason
+
+        async def main():
+            async with AsyncWaferClient(srv.address, timeout=60) as c:
+                tasks = [asyncio.ensure_future(stream(c, i)) for i in range(4)]
+                await asyncio.sleep(0.3)
+                model.decode = slow_decode
+                while not slept:
+                    await asyncio.sleep(0.01)
+                await asyncio.to_thread(srv.drain, 0.0, 60)
+                return await asyncio.gather(*tasks)
+
+        assert asyncio.run(main()) == ["shutdown"] * 4
 
 
 def _status_or_none(check):

@@ -34,6 +34,7 @@ log = logging.getLogger("wafer.server")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SWITCH_INTERVAL_S = 0.0005
+SHUTDOWN_FINALS_S = 30.0  # after the grace: waiting for the engines' current steps and the finals
 
 # Keepalive: the server pings idle connections every 60 s; clients may ping as often as every
 # 10 s even with no call in flight and are never punished for it (max_ping_strikes=0), so a
@@ -359,10 +360,15 @@ class WaferServer:
             await asyncio.sleep(0.02)
         for s in scheds:
             s.finish_all(sch.FINISH_SHUTDOWN)
-        # let the handlers send their final messages
-        deadline = time.monotonic() + 2.0
-        while self.servicer.active_streams and time.monotonic() < deadline:
+        # an engine ends its streams once its current model call returns (a prefill step can take
+        # seconds on a busy machine); then the handlers send their final messages
+        deadline = time.monotonic() + SHUTDOWN_FINALS_S
+        while time.monotonic() < deadline and (
+                self.servicer.active_streams or not all(s.idle() for s in scheds)):
             await asyncio.sleep(0.02)
+        if self.servicer.active_streams:
+            log.warning("draining: %d stream(s) got no final within %.0f s; cancelling them",
+                        self.servicer.active_streams, SHUTDOWN_FINALS_S)
         await self.stop(grace=0.5)
 
     async def stop(self, grace: float | None = 0.0) -> None:

@@ -331,7 +331,8 @@ class StreamState:
                 m.cached_tokens.labels(name).inc(st.cached_tokens)
             if st.preemptions:
                 m.preemptions.labels(name).inc(st.preemptions)
-            m.request_success.labels(name, ev.reason).inc()
+            if ev.reason != sch.FINISH_DEADLINE:  # counted as an error with the call's status
+                m.request_success.labels(name, ev.reason).inc()
         return final
 
 
@@ -456,9 +457,12 @@ class WaferServicer(pb_grpc.WaferServicer):
             raise Invalid(grpc.StatusCode.UNAVAILABLE, f"model={entry.name!r} is not loaded yet")
         return entry, rt
 
-    async def _abort(self, context, e: Invalid, model_name: str = "", md=()) -> None:
+    def _count_error(self, model_name: str, code: str) -> None:
         if self.server.metrics is not None:
-            self.server.metrics.request_errors.labels(self._metric_label(model_name), e.code.name).inc()
+            self.server.metrics.request_errors.labels(self._metric_label(model_name), code).inc()
+
+    async def _abort(self, context, e: Invalid, model_name: str = "", md=()) -> None:
+        self._count_error(model_name, e.code.name)
         await context.abort(e.code, e.message, trailing_metadata=tuple(md) + tuple(e.md))
 
     def _count_abandoned(self, context, model_name: str) -> None:
@@ -466,8 +470,7 @@ class WaferServicer(pb_grpc.WaferServicer):
         disconnect) is counted as an error under the status the client saw."""
         if self.server.metrics is None:
             return
-        code = abandoned_status(context.time_remaining())
-        self.server.metrics.request_errors.labels(self._metric_label(model_name), code).inc()
+        self._count_error(model_name, abandoned_status(context.time_remaining()))
 
     def _metric_label(self, name: str) -> str:
         """A model's registry name for a metric label: a name no model has is "unknown", so
@@ -617,6 +620,11 @@ class WaferServicer(pb_grpc.WaferServicer):
             cfg = rt.config
 
             # ---- turns (one runs at a time; turns sent meanwhile queue up, in order)
+            def turn_error(tid: str, code: str, message: str) -> pb.SessionResponse:
+                """A refused turn (or message): counted as a refused call would be."""
+                self._count_error(entry.name, code)
+                return pb.SessionResponse(turn_id=tid, error=pb.TurnError(code=code, message=message))
+
             pending: collections.deque = collections.deque()
             client_done = False
 
@@ -648,8 +656,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                     coalesce = coalesce_of(t.coalesce_tokens)
                     check_id("turn_id", t.turn_id)
                 except Invalid as e:
-                    return pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(
-                        code=e.code.name, message=e.message))
+                    return turn_error(t.turn_id, e.code.name, e.message)
                 req = sch.Request(prompt, params, request_id=f"{session.session_id}/{t.turn_id}",
                                   session=session,
                                   replace=replace, deadline_ns=self._deadline_ns(context),
@@ -658,7 +665,7 @@ class WaferServicer(pb_grpc.WaferServicer):
                     rt.scheduler.submit(req)
                 except (sch.QueueFull, sch.SchedulerClosed) as e:
                     code = "RESOURCE_EXHAUSTED" if isinstance(e, sch.QueueFull) else "UNAVAILABLE"
-                    return pb.SessionResponse(turn_id=t.turn_id, error=pb.TurnError(code=code, message=str(e)))
+                    return turn_error(t.turn_id, code, str(e))
                 turn_req, turn_id, turn_msgs = req, t.turn_id, new_msgs
                 raw_history = raw_history or new_msgs is None
                 # the cached count is known once the engine admits the turn (set at its first token)
@@ -695,6 +702,9 @@ class WaferServicer(pb_grpc.WaferServicer):
                         queued = [t for t in pending if t.turn_id == tid] if tid else []
                         if queued:
                             pending.remove(queued[0])
+                            if self.server.metrics is not None:
+                                self.server.metrics.request_success.labels(
+                                    entry.name, sch.FINISH_CANCELLED).inc()
                             yield pb.SessionResponse(turn_id=tid, final=pb.Final(
                                 finish_reason=sch.FINISH_CANCELLED, usage=pb.Usage()))
                         elif busy() and not turn_req.done and (not tid or tid == turn_id):
@@ -702,16 +712,14 @@ class WaferServicer(pb_grpc.WaferServicer):
                         continue
                     if kind != "turn":
                         what = f"`{kind}`" if kind else "an empty SessionRequest"
-                        yield pb.SessionResponse(error=pb.TurnError(
-                            code="INVALID_ARGUMENT",
-                            message=f"{what} in an open session; send a turn, cancel or close"))
+                        yield turn_error("", "INVALID_ARGUMENT",
+                                         f"{what} in an open session; send a turn, cancel or close")
                         continue
                     if busy() or pending:
                         if len(pending) >= MAX_QUEUED_TURNS:
-                            yield pb.SessionResponse(turn_id=item.turn.turn_id, error=pb.TurnError(
-                                code="RESOURCE_EXHAUSTED",
-                                message=f"{len(pending)} turns already queued behind turn {turn_id!r}; "
-                                        f"limit {MAX_QUEUED_TURNS}"))
+                            yield turn_error(item.turn.turn_id, "RESOURCE_EXHAUSTED",
+                                             f"{len(pending)} turns already queued behind turn "
+                                             f"{turn_id!r}; limit {MAX_QUEUED_TURNS}")
                         else:
                             pending.append(item.turn)
                         continue
@@ -738,13 +746,11 @@ class WaferServicer(pb_grpc.WaferServicer):
                 code = _ERROR_FINISH.get(ev.reason)
                 if code is not None and ev.reason != sch.FINISH_DEADLINE:
                     state = None
-                    yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(
-                        code=code.name, message=ev.error or ev.reason))
+                    yield turn_error(turn_id, code.name, ev.error or ev.reason)
                     continue
                 if ev.error and ev.reason == sch.FINISH_LENGTH and ev.stats.completion_tokens == 0:
                     state = None
-                    yield pb.SessionResponse(turn_id=turn_id, error=pb.TurnError(
-                        code="INVALID_ARGUMENT", message=ev.error))
+                    yield turn_error(turn_id, "INVALID_ARGUMENT", ev.error)
                     continue
                 c = state.flush(ev)
                 if c is not None:
@@ -755,10 +761,12 @@ class WaferServicer(pb_grpc.WaferServicer):
                     conversation.append({"role": "assistant", "content": "".join(state.text)})
                 final = state.final(ev)
                 state = None
+                if ev.reason == sch.FINISH_DEADLINE:  # counted now: the client may be gone already
+                    self._count_error(entry.name, "DEADLINE_EXCEEDED")
                 yield pb.SessionResponse(turn_id=turn_id, final=final)
                 if ev.reason == sch.FINISH_DEADLINE:
-                    await self._abort(context, Invalid(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                       "session deadline exceeded"), entry.name, md)
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "session deadline exceeded",
+                                        trailing_metadata=md)
                     return
                 if ev.reason == sch.FINISH_SHUTDOWN:
                     yield pb.SessionResponse(turn_id=turn_id, closed=pb.SessionClosed(reason="shutdown"))
