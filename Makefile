@@ -27,7 +27,7 @@ test: model
 
 bench: model
 	mkdir -p bench-out
-	$(PY) -m pytest benches -p no:cacheprovider --benchmark-json bench-out/bench.json
+	$(PY) -m pytest benches -s -p no:cacheprovider --benchmark-json bench-out/bench.json
 
 protos: install
 	$(PY) -m protos.generate

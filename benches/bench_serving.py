@@ -238,7 +238,8 @@ def client_itl(results):
 @pytest.mark.parametrize("streams", [1, 16])
 def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
     wafer_server = wafer_proc.address
-    max_tokens = 48 if streams == 1 else 32
+    # 1 stream: 3 rounds x 159 gaps, so a p99 is not one of a handful of the largest gaps
+    max_tokens = 160 if streams == 1 else 32
     info = {}
 
     def measure():
@@ -263,7 +264,7 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
             stop(busy_proc)
         itl, ttft, steps = overheads(res)
         step_ms = float(np.median(steps)) / 1e3
-        fitl, fttft, _ = overheads(fres)
+        fitl, fttft, fsteps = overheads(fres)
         bitl, _, _ = overheads(bres)
         sttft, queue = server_ttft(res)
         fsttft, _ = server_ttft(fres)
@@ -271,6 +272,8 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
             server_ttft_overhead_us_p50=pct(sttft, 50), floor_server_ttft_us_p50=pct(fsttft, 50),
             queue_us_p50=pct(queue, 50), server_ttft_minus_queue_us_p50=pct(sttft - queue, 50),
             streams=streams, engine_step_ms_p50=step_ms,
+            floor_step_ms_p50=float(np.median(fsteps)) / 1e3 if len(fsteps) else float("nan"),
+            samples=len(itl), floor_samples=len(fitl),
             overhead_us_p50=pct(itl, 50), overhead_us_p99=pct(itl, 99),
             floor_us_p50=pct(fitl, 50), floor_us_p99=pct(fitl, 99),
             busy_floor_us_p50=pct(bitl, 50), busy_floor_us_p99=pct(bitl, 99),
@@ -289,7 +292,10 @@ def test_per_token_overhead_vs_floor(benchmark, wafer_proc, streams):
     benchmark.pedantic(measure, rounds=1, iterations=1)
     benchmark.extra_info.update(info)
     _report([
-        f"engine step p50 {info['engine_step_ms_p50']:.2f} ms, max batch {info['max_batch']}",
+        f"engine step p50 {info['engine_step_ms_p50']:.2f} ms, max batch {info['max_batch']}; the floor's "
+        f"stand-in step {info['floor_step_ms_p50']:.2f} ms; {info['samples']} / {info['floor_samples']} gaps"
+        + (" (the step was set from a warm-up run and the machine's speed changed since: rerun)"
+           if not 0.75 <= info['floor_step_ms_p50'] / info['engine_step_ms_p50'] <= 1.33 else ""),
         f"per-token overhead  p50 {info['overhead_us_p50']:8.1f} us  p99 {info['overhead_us_p99']:8.1f} us",
         f"raw grpc.aio floor  p50 {info['floor_us_p50']:8.1f} us  p99 {info['floor_us_p99']:8.1f} us",
         f"ratio vs floor      p50 {info['ratio_p50']:8.2f}x    p99 {info['ratio_p99']:8.2f}x  (target <= 1.5x)",
