@@ -266,6 +266,29 @@ def test_session_idle_timeout_is_bounded(client):
         assert isinstance(list(s.turn("hi", max_tokens=2, temperature=0))[-1], Completion)  # goes on
 
 
+def test_refusing_a_call_that_has_ended_is_quiet(server):
+    """A refusal racing the call's own deadline: abort fails inside gRPC; when the call is done
+    that is not an error of ours (gRPC would log a traceback), otherwise it propagates."""
+    import asyncio
+
+    from engine.server.servicer import Invalid
+
+    class Ended:
+        def __init__(self, done):
+            self._done = done
+
+        async def abort(self, *a, **kw):
+            raise RuntimeError("ExecuteBatchError")
+
+        def done(self):
+            return self._done
+
+    servicer = server.server.servicer
+    asyncio.run(servicer._abort(Ended(True), Invalid(grpc.StatusCode.DEADLINE_EXCEEDED, "late"), "tiny"))
+    with pytest.raises(RuntimeError):
+        asyncio.run(servicer._abort(Ended(False), Invalid(grpc.StatusCode.INTERNAL, "x"), "tiny"))
+
+
 def test_abandoned_call_status():
     """A call that ended before its final is counted under the status its client saw: the
     client's own timer fires while the server's copy of the deadline has a few ms left."""

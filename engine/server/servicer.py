@@ -463,7 +463,15 @@ class WaferServicer(pb_grpc.WaferServicer):
 
     async def _abort(self, context, e: Invalid, model_name: str = "", md=()) -> None:
         self._count_error(model_name, e.code.name)
-        await context.abort(e.code, e.message, trailing_metadata=tuple(md) + tuple(e.md))
+        try:
+            await context.abort(e.code, e.message, trailing_metadata=tuple(md) + tuple(e.md))
+        except grpc.aio.AbortError:  # how abort ends the call
+            raise
+        except Exception:
+            if not context.done():
+                raise
+            # the call ended meanwhile (its deadline): nothing to send, and no traceback in the
+            # log for it (gRPC logs one at ERROR when a handler lets this escape)
 
     def _count_abandoned(self, context, model_name: str) -> None:
         """A request whose call ended before its final (gRPC's own deadline, a cancel, a
