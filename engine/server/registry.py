@@ -225,8 +225,8 @@ class Registry:
 
     @classmethod
     def builtin(cls) -> "Registry":
-        # the names `wafer models pull` knows it by
-        return cls([ModelEntry(name=DEFAULT_MODEL, path=DEFAULT_MODEL, aliases=known_model(DEFAULT_MODEL).aliases)])
+        aliases = known_model(DEFAULT_MODEL).aliases  # the names `wafer models pull` knows it by
+        return cls([ModelEntry(name=DEFAULT_MODEL, path=DEFAULT_MODEL, aliases=aliases)])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Registry":
