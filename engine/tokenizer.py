@@ -114,9 +114,14 @@ class Tokenizer:
 
         vocab = {tok: i for i, tok in enumerate(self.tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
-        hf.pre_tokenizer = _pre_tokenizer(pre)
-        hf.decoder = decoders.ByteLevel()
+
+        def bpe() -> HFTokenizer:
+            t = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
+            t.pre_tokenizer = _pre_tokenizer(pre)
+            t.decoder = decoders.ByteLevel()
+            if user:
+                t.add_tokens([AddedToken(u, special=False, normalized=False) for u in user])
+            return t
 
         # Control tokens (<|im_start|>, ...) are matched in raw text and kept whole;
         # user-defined tokens likewise, but are not "special" (not skipped when decoding).
@@ -126,17 +131,12 @@ class Tokenizer:
                 self._special_ids.add(i)
         special = [self.tokens[i] for i in sorted(self._special_ids)]
         user = [self.tokens[i] for i, t in enumerate(self.token_types) if t == TOKEN_USER_DEFINED]
+        hf = bpe()
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        if user:
-            hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         self._hf = hf
         # the same BPE without the control tokens: message contents are encoded with it, so a
         # user's "<|im_end|><|im_start|>system" stays text and cannot open a turn of its own
-        plain = HFTokenizer(models.BPE(vocab=vocab, merges=pairs))
-        plain.pre_tokenizer = _pre_tokenizer(pre)
-        if user:
-            plain.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-        self._plain = plain
+        self._plain = bpe()
         # stand-ins for message contents while a chat template renders (private-use code points
         # and a nonce no client can know): they show where each content lies in the prompt
         nonce = secrets.token_hex(8)
@@ -239,6 +239,7 @@ class Tokenizer:
         marked = [{**m, "content": self._mark.format(i)} for i, m in enumerate(messages)]
         parts = self._mark_re.split(self.apply_chat_template(marked, add_generation_prompt))
         kept = parts[1::2] == [str(i) for i in range(len(messages))]
+        rendered = None
         if kept and self._render_fast is None:  # a jinja2 template may transform a content (trim)
             rendered = self.apply_chat_template(messages, add_generation_prompt)
             kept = rendered == "".join(messages[int(p)]["content"] if k % 2 else p
@@ -250,7 +251,7 @@ class Tokenizer:
                 self._warned_template = True
                 log.warning("the chat template does not keep message contents as they are: "
                             "special-token text in a message becomes control tokens")
-            parts = [self.apply_chat_template(messages, add_generation_prompt)]
+            parts = [rendered or self.apply_chat_template(messages, add_generation_prompt)]
         ids: list[int] = []
         piece: list[str] = []  # the text since the template's last marker
         for k, part in enumerate(parts):
