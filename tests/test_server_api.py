@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.server.app import ServerOptions
-from engine.server.client import Completion, SessionError, Token, WaferClient
+from engine.client import Completion, SessionError, Token, WaferClient
 from engine.server.registry import ModelEntry, Registry
 from engine.server.servicer import PROBE_CHARS_PER_TOKEN, Invalid, abandoned_status, sampling_params
 from engine.server.testing import ServerThread
@@ -297,7 +297,7 @@ def test_abandoned_call_status():
 
 
 def test_client_names_a_misplaced_keyword():
-    from engine.server.client import sampling
+    from engine.client import sampling
 
     with pytest.raises(TypeError, match="text= is not a sampling parameter.*raw text is the first argument"):
         sampling(text="hi")
@@ -315,12 +315,12 @@ def test_calls_without_ids_are_named_in_the_log(client, caplog):
 
 def test_client_keeps_text_that_comes_without_a_token():
     """A chunk with text and no token (text held back until the end) goes to Completion.text."""
-    from engine.server.client import _final, _tokens
+    from engine.client import chunk_tokens, final_completion
 
     tail: list[str] = []
-    assert [t.text for t in _tokens(pb.TokenChunk(token_ids=[5], text="a"), 0, tail)] == ["a"]
-    assert _tokens(pb.TokenChunk(text="bc"), 0, tail) == []
-    assert _final(pb.Final(finish_reason="length"), tail).text == "bc" and tail == []
+    assert [t.text for t in chunk_tokens(pb.TokenChunk(token_ids=[5], text="a"), 0, tail)] == ["a"]
+    assert chunk_tokens(pb.TokenChunk(text="bc"), 0, tail) == []
+    assert final_completion(pb.Final(finish_reason="length"), tail).text == "bc" and tail == []
 
 
 def test_unknown_model_not_found(client):
@@ -372,7 +372,7 @@ def test_deprecated_model_served_with_trailing_metadata(client):
 
 
 def test_cli_warning_for_a_deprecated_model():
-    from engine.server.client import deprecation_warning
+    from engine.cli.output import deprecation_warning
 
     assert deprecation_warning({}, "tiny") is None
     md = {"wafer-deprecated": "true", "wafer-sunset": "2099-12-31", "wafer-successor": "tiny"}
@@ -485,18 +485,16 @@ def test_session_turn_left_early_is_cancelled_and_never_leaks_into_the_next(clie
 
 
 def test_what_is_left_of_an_abandoned_turn_is_skipped_but_not_a_close():
-    from types import SimpleNamespace
+    from engine.client import belongs_to_abandoned
 
-    from engine.server.client import _belongs_to_abandoned
-
-    s = SimpleNamespace(_abandoned={"t1"})
+    abandoned = {"t1"}
     chunk = pb.SessionResponse(turn_id="t1", chunk=pb.TokenChunk(token_ids=[5]))
-    assert _belongs_to_abandoned(s, chunk) and s._abandoned == {"t1"}
-    assert not _belongs_to_abandoned(s, pb.SessionResponse(turn_id="t2", chunk=pb.TokenChunk()))
+    assert belongs_to_abandoned(abandoned, chunk) and abandoned == {"t1"}
+    assert not belongs_to_abandoned(abandoned, pb.SessionResponse(turn_id="t2", chunk=pb.TokenChunk()))
     closed = pb.SessionResponse(turn_id="t1", closed=pb.SessionClosed(reason="shutdown"))
-    assert not _belongs_to_abandoned(s, closed)  # the session's end reaches the current turn
-    assert _belongs_to_abandoned(s, pb.SessionResponse(turn_id="t1", final=pb.Final()))
-    assert s._abandoned == set()  # its final arrived: nothing more to skip
+    assert not belongs_to_abandoned(abandoned, closed)  # the session's end reaches the current turn
+    assert belongs_to_abandoned(abandoned, pb.SessionResponse(turn_id="t1", final=pb.Final()))
+    assert abandoned == set()  # its final arrived: nothing more to skip
 
 
 def test_session_refuses_chat_messages_after_raw_turns(client):
@@ -684,7 +682,7 @@ def test_drain_waits_for_a_slow_step_to_send_the_finals(model_path):
     seconds (a long prefill on a busy machine) must still end each stream with its final."""
     import asyncio
 
-    from engine.server.client import AsyncWaferClient
+    from engine.client import AsyncWaferClient
 
     reg = Registry([ModelEntry(name="tiny", path=str(model_path), max_batch=8)])
     with ServerThread(reg, ServerOptions(port=0, metrics_port=None)) as srv:
@@ -724,7 +722,7 @@ def _status_or_none(check):
 def test_async_client_generate_and_session(server):
     import asyncio
 
-    from engine.server.client import AsyncWaferClient
+    from engine.client import AsyncWaferClient
 
     async def main():
         async with AsyncWaferClient(server.address, timeout=60) as c:
@@ -913,7 +911,7 @@ def test_mixed_load_every_call_ends_and_the_pool_empties(model_path):
     import asyncio
     import random
 
-    from engine.server.client import AsyncWaferClient
+    from engine.client import AsyncWaferClient
 
     reg = Registry([ModelEntry(name="tiny", path=str(model_path), max_batch=8, kv_blocks=24, max_waiting=64)])
     rnd = random.Random(4)
