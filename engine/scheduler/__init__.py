@@ -54,8 +54,7 @@ from engine.scheduler.events import (FINISH_CANCELLED, FINISH_DEADLINE, FINISH_E
                                      FINISH_LENGTH, FINISH_SHUTDOWN, FINISH_STOP, DecodeStep,
                                      FinishEvent, SeqStats, SessionExpired, TokenEvent, iter_events)
 from engine.scheduler.scheduler import Scheduler
-from engine.scheduler.sequence import Request, Sequence
-from engine.scheduler.sessions import Session
+from engine.scheduler.sequence import Request, Sequence, Session
 
 __all__ = [
     "Scheduler", "SchedulerConfig", "Request", "Session", "Sequence",

@@ -84,7 +84,7 @@ class SchedulerCore:
         self.max_blocks = model.max_blocks_per_seq
         self.eos_id = self.tokenizer.eos_id
 
-        self.waiting: collections.deque[Sequence] = collections.deque()  # not prefilled; oldest first
+        self.waiting: collections.deque[Sequence] = collections.deque()  # oldest first
         self.running: list[Sequence] = []    # holding KV (prefilling in chunks, or decoding)
         self.sessions = SessionStore(self.cfg.max_sessions)
         self.batch = DecodeBatch(self.cfg.max_batch, self.max_blocks)

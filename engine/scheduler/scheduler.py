@@ -13,11 +13,11 @@ from typing import Any
 from engine.sampling import StreamPolicy
 from engine.scheduler.commands import (Cancel, CloseSession, FinishAll, QueueFull,
                                        SchedulerClosed, Submit)
+from engine.scheduler.core import NO_DEADLINE, SchedulerCore
 from engine.scheduler.events import (FINISH_CANCELLED, FINISH_DEADLINE, FINISH_LENGTH,
                                      FINISH_SHUTDOWN, FinishEvent, SeqStats, SessionExpired)
-from engine.scheduler.sequence import Request, Sequence
-from engine.scheduler.sessions import Session, turn_tokens
-from engine.scheduler.core import NO_DEADLINE, SchedulerCore
+from engine.scheduler.sequence import Request, Sequence, Session
+from engine.scheduler.sessions import turn_tokens
 
 log = logging.getLogger(__name__)
 

@@ -1,22 +1,20 @@
-"""A request (one generation or one session turn) and the sequence that carries it: its tokens,
-how many of them are in the KV cache, its blocks, and the state of its current turn."""
+"""A request (one generation or one session turn), the sequence that carries it (its tokens, how
+many of them are in the KV cache, its blocks, the state of its current turn), and the session
+that keeps a sequence between turns."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from engine.sampling import StreamPolicy
 from engine.scheduler.events import SeqStats
 
-if TYPE_CHECKING:
-    from engine.sampling import StreamPolicy
-    from engine.scheduler.sessions import Session
-
-__all__ = ["Request", "Sequence"]
+__all__ = ["Request", "Sequence", "Session"]
 
 
 @dataclass(eq=False)
@@ -95,3 +93,28 @@ class Sequence:
         self.scheduled = False
         self.stats = SeqStats(prompt_tokens=self.n_tokens, cached_tokens=cached,
                               arrival_ns=req.arrival_ns)
+
+
+class Session:
+    """A persistent sequence owned by one client stream."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, idle_timeout_s: float, owner: Any = None):
+        self.session_id = f"s{next(self._ids)}"
+        self.idle_timeout_s = idle_timeout_s
+        self.owner = owner
+        self.seq: Sequence | None = None     # created with the first turn
+        self.active: Request | None = None
+        self.last_active = time.monotonic()
+        self.closed = False
+        self.close_reason = ""
+
+    @property
+    def tokens(self) -> list[int]:
+        return [] if self.seq is None else self.seq.token_list()
+
+    @property
+    def idle(self) -> bool:
+        """No turn running."""
+        return self.active is None or self.active.done

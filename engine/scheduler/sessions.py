@@ -1,42 +1,17 @@
-"""Sessions: a persistent sequence owned by one client stream, kept (tokens + KV blocks) between
-turns, and the store of open sessions (limit, idle expiry, least recently used)."""
+"""The store of open sessions (limit, idle expiry, least recently used cache) and how a turn
+continues a session's tokens. A :class:`~engine.scheduler.sequence.Session` keeps its sequence
+(tokens + KV blocks) between turns."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any, Iterator
 
-from engine.scheduler.sequence import Request, Sequence
+from engine.scheduler.sequence import Request, Sequence, Session
 
-__all__ = ["Session", "SessionStore", "EXPIRY_CHECK_S", "turn_tokens"]
+__all__ = ["SessionStore", "EXPIRY_CHECK_S", "turn_tokens"]
 
 EXPIRY_CHECK_S = 0.05  # how often the engine thread looks for idle sessions
-
-
-class Session:
-    """A persistent sequence owned by one client stream."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, idle_timeout_s: float, owner: Any = None):
-        self.session_id = f"s{next(self._ids)}"
-        self.idle_timeout_s = idle_timeout_s
-        self.owner = owner
-        self.seq: Sequence | None = None     # created with the first turn
-        self.active: Request | None = None
-        self.last_active = time.monotonic()
-        self.closed = False
-        self.close_reason = ""
-
-    @property
-    def tokens(self) -> list[int]:
-        return [] if self.seq is None else self.seq.token_list()
-
-    @property
-    def idle(self) -> bool:
-        """No turn running."""
-        return self.active is None or self.active.done
 
 
 class SessionStore(dict):
