@@ -140,6 +140,7 @@ class Scheduler(SchedulerCore):
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {e}")
 
+    # ---------------------------------------------------------------- one step (engine thread)
 
     def step(self) -> None:
         """One step (engine thread): deadlines, one batched decode, prefill within the budget."""
