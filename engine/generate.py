@@ -1,7 +1,8 @@
 """Single-stream generation on a local Model: prefill the prompt, then decode token by token.
 
 This is the plain path behind `wafer generate --model ...`; the server batches many streams
-through engine/scheduler.py instead.
+through engine/scheduler/ instead. Both choose tokens and decide when to stop with the same
+:class:`engine.sampling.StreamPolicy`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from engine.model import Model
-from engine.sampling import Sampler, SamplingParams, StopChecker, logprobs_topn
+from engine.sampling import SamplingParams, StreamPolicy, logprobs_topn
 
 
 @dataclass
@@ -57,8 +58,8 @@ class Generation:
         n_total = self.prompt.size + params.max_tokens
         blocks = kv.allocator.allocate(kv.blocks_for(n_total))
         table = np.array(blocks, dtype=np.int32).reshape(1, -1)
-        sampler = Sampler(params, model.config.vocab_size)
-        stop = StopChecker(params, model.tokenizer, model.tokenizer.eos_id)
+        policy = StreamPolicy(params, model.config.vocab_size, model.tokenizer,
+                              model.tokenizer.eos_id, end=n_total, text=True)
         history = np.empty(n_total, dtype=np.int32)
         history[: self.prompt.size] = self.prompt
         n = self.prompt.size
@@ -69,10 +70,10 @@ class Generation:
             logits = model.prefill(self.prompt, table[0], 0)
             t_first = None
             while True:
-                tok = sampler.sample(logits, history[:n])
+                tok = policy.pick(logits, history[:n])
                 lp, top = (logprobs_topn(logits, tok, params.logprobs) if params.logprobs
                            else (None, []))
-                text, finish = stop.push(tok)
+                finish = policy.finish_reason(tok, n + 1)  # the stream with tok appended
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
@@ -81,7 +82,7 @@ class Generation:
                 stats.completion_tokens += 1
                 history[n] = tok
                 n += 1
-                yield GeneratedToken(tok, text, stats.completion_tokens - 1, lp, top)
+                yield GeneratedToken(tok, policy.text, stats.completion_tokens - 1, lp, top)
                 if finish:
                     stats.finish_reason = finish
                     return

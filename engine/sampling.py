@@ -16,6 +16,9 @@ import numpy as np
 from engine import kernels as K
 from engine.tokenizer import IncrementalDecoder, Tokenizer
 
+FINISH_STOP = "stop"      # EOS, a stop token id, or a stop string
+FINISH_LENGTH = "length"  # max_tokens (or the model's context) reached
+
 # Logits more than this below the maximum (after temperature) have probability < e^-30
 # relative to the top token: they cannot change a float32 softmax, so they are dropped early.
 NEGLIGIBLE_LOGIT_GAP = 30.0
@@ -208,23 +211,21 @@ class StopChecker:
 
     def __post_init__(self):
         self._decoder = IncrementalDecoder(self.tokenizer)
-        self._stop_ids = set(self.params.stop_token_ids)
-        if self.eos_id is not None and not self.params.ignore_eos:
-            self._stop_ids.add(self.eos_id)
+        self._stop_ids = stop_token_ids(self.params, self.eos_id)
 
     def push(self, token_id: int) -> tuple[str, str | None]:
         self.n_tokens += 1
         if token_id in self._stop_ids:
-            return self._held + self._decoder.flush(), "stop"
+            return self._held + self._decoder.flush(), FINISH_STOP
         text = self._held + self._decoder.push(token_id)
         self._held = ""
         stops = self.params.stop
         if stops:
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
-                return text[:cut], "stop"
+                return text[:cut], FINISH_STOP
         if self.n_tokens >= self.params.max_tokens:
-            return text + self._decoder.flush(), "length"
+            return text + self._decoder.flush(), FINISH_LENGTH
         if stops:
             hold = max((k for s in stops for k in range(1, min(len(s), len(text) + 1))
                         if text.endswith(s[:k])), default=0)
@@ -236,3 +237,58 @@ class StopChecker:
         """Text still held back when a sequence ends for another reason (cancel, context full)."""
         text, self._held = self._held + self._decoder.flush(), ""
         return text
+
+
+def stop_token_ids(params: SamplingParams, eos_id: int | None) -> frozenset[int]:
+    """The ids that end a stream: the requested stop ids, and EOS unless ``ignore_eos``."""
+    ids = set(params.stop_token_ids)
+    if eos_id is not None and not params.ignore_eos:
+        ids.add(eos_id)
+    return frozenset(ids)
+
+
+class StreamPolicy:
+    """The one place that chooses a stream's next token and decides whether it ends the stream:
+    the single-stream :class:`engine.generate.Generation` and the scheduler (every sequence's
+    turn) both use it, so their outputs and finish reasons are the same.
+
+    - :meth:`pick`: the next token (the model's own argmax when the caller has it and the
+      params are plain greedy; otherwise the :class:`Sampler`).
+    - :meth:`finish_reason`, after the token joined the stream of ``n_tokens``: FINISH_STOP (EOS,
+      a stop token id, a stop string), FINISH_LENGTH once the stream holds ``end`` tokens
+      (prompt + max_tokens, capped by the context), else None.
+
+    Stop strings need text: with stop strings (or ``text=True``) a :class:`StopChecker`
+    detokenizes, and :attr:`text` is what the last token made final. Without them no text is
+    made (the scheduler's hot path: its consumers detokenize on their side).
+    """
+
+    __slots__ = ("sampler", "greedy", "stop_ids", "n_logprobs", "stopper", "end", "text")
+
+    def __init__(self, params: SamplingParams, vocab_size: int, tokenizer: Tokenizer,
+                 eos_id: int | None, end: int, text: bool = False):
+        self.sampler = Sampler(params, vocab_size)
+        self.greedy = params.temperature == 0.0 and params.repetition_penalty == 1.0
+        self.stop_ids = stop_token_ids(params, eos_id)
+        self.n_logprobs = int(getattr(params, "logprobs", 0) or 0)
+        self.stopper = StopChecker(params, tokenizer, eos_id) if text or params.stop else None
+        self.end = end
+        self.text = ""
+
+    def pick(self, logits: np.ndarray, history: np.ndarray, argmax: int | None = None) -> int:
+        """The next token given the logits and the stream so far (for the repetition penalty)."""
+        if argmax is not None and self.greedy:
+            return int(argmax)
+        return int(self.sampler.sample(logits, history))
+
+    def finish_reason(self, token_id: int, n_tokens: int) -> str | None:
+        """Whether ``token_id``, just appended (the stream now holds ``n_tokens``), ends it."""
+        if self.stopper is not None:
+            self.text, reason = self.stopper.push(token_id)
+        elif token_id in self.stop_ids:
+            reason = FINISH_STOP
+        else:
+            reason = None
+        if reason is None and n_tokens >= self.end:
+            reason = FINISH_LENGTH
+        return reason

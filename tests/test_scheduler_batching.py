@@ -1,18 +1,14 @@
-"""The continuous-batching scheduler driven step by step on a tiny synthetic model (no gRPC):
-preemption under a small KV pool never corrupts a stream, chunked prefill keeps running streams
-flowing, cancel frees blocks within one step, deadlines, sessions."""
+"""Continuous batching driven step by step on a tiny synthetic model (no gRPC): chunked prefill
+keeps running streams flowing, prefill steps stay bounded, token step times, and a randomized mix
+of everything keeps every stream correct."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from engine.kv_cache import BlockAllocator, OutOfBlocks
-from engine.model import Model
 from engine.sampling import SamplingParams
-from engine.scheduler import (FINISH_CANCELLED, FINISH_DEADLINE, FinishEvent, QueueFull, Request,
-                              Scheduler, SchedulerConfig, TokenEvent, iter_events)
+from engine.scheduler import FINISH_CANCELLED, FinishEvent, Request, TokenEvent
+from scheduler_harness import greedy, make, outputs, run
 
 
 @pytest.fixture(scope="module")
@@ -20,111 +16,12 @@ def path(tiny_gguf):
     return tiny_gguf("Q4_1", context_length=1024)
 
 
-_shared = {}
-
-
-def make(path, kv_blocks=None, **cfg):
-    """A scheduler over a fresh model with ``kv_blocks``, or over the module's shared model."""
-    if kv_blocks is None:
-        if path not in _shared:
-            _shared[path] = Model.load(path, max_batch=16, block_size=16)
-        model = _shared[path]
-        assert model.kv.allocator.num_used == 0
-    else:
-        model = Model.load(path, max_batch=16, kv_blocks=kv_blocks, block_size=16)
-    events = []
-    sched = Scheduler(model, SchedulerConfig(max_batch=16, **cfg),
-                      publish=lambda items, quiet: events.extend(iter_events(items)))
-    return sched, events
-
-
-def greedy(n):
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-
-
-def run(sched, max_steps=5000):
-    for _ in range(max_steps):
-        sched._apply_commands()
-        if not sched.running and not sched.waiting and not sched._inbox:
-            return
-        sched.step()
-    raise AssertionError("scheduler did not finish")
-
-
-def outputs(events, reqs):
-    out = {id(r): [] for r in reqs}
-    finals = {}
-    for req, ev in events:
-        if id(req) not in out:
-            continue
-        if isinstance(ev, TokenEvent):
-            out[id(req)].append(ev.token_id)
-        elif isinstance(ev, FinishEvent):
-            finals[id(req)] = ev
-    return [out[id(r)] for r in reqs], [finals[id(r)] for r in reqs]
-
-
-def test_block_allocator_hands_out_distinct_blocks_and_refuses_a_double_free():
-    alloc = BlockAllocator(4)
-    a, b = alloc.allocate(1), alloc.allocate(2)
-    assert len(set(a + b)) == 3 and alloc.num_used == 3
-    with pytest.raises(OutOfBlocks, match="asked for 2 KV blocks, 1 of 4 free"):
-        alloc.allocate(2)
-    alloc.free(b)
-    with pytest.raises(ValueError, match=f"KV block {b[0]} freed twice"):
-        alloc.free(b[:1])
-    assert sorted(alloc.allocate(3)) == sorted(set(range(4)) - set(a))
-
-
-def test_decode_rows_get_each_new_block_in_their_table(path):
-    """Decode grows a sequence one block at a time and writes only the new entries into its
-    batch row; the row must match the sequence's own table every step, also after rows move."""
-    sched, events = make(path)
-    reqs = [Request(prompt=list(range(3, 3 + n)), params=greedy(40)) for n in (5, 14, 16, 30)]
-    for r in reqs:
-        sched.submit(r)
-    for _ in range(200):
-        sched._apply_commands()
-        if not sched.running and not sched.waiting:
-            break
-        sched.step()
-        for i, seq in enumerate(sched._batch):
-            assert seq.row == i
-            assert list(sched._bt[i, : len(seq.blocks)]) == seq.blocks == list(seq.table[: len(seq.blocks)])
-        if reqs[1].seq is not None and reqs[1].seq.n_tokens == 30:
-            sched.cancel(reqs[1])  # a row leaves: the last row moves into its place
-    assert sched.allocator.num_used == 0
-
-
-def test_preemption_under_a_small_pool_keeps_streams_correct(path):
-    prompts = [[1 + i, 20 + i, 30, 40 + 2 * i, 50] for i in range(4)]
-    big, ev_big = make(path)
-    reqs = [Request(p, greedy(70)) for p in prompts]
-    for r in reqs:
-        big.submit(r)
-    run(big)
-    expected, _ = outputs(ev_big, reqs)
-
-    # 4 sequences x 75 tokens need 20 blocks of 16; the pool has 10
-    small, ev_small = make(path, kv_blocks=10)
-    reqs = [Request(p, greedy(70)) for p in prompts]
-    for r in reqs:
-        small.submit(r)
-    run(small)
-    got, finals = outputs(ev_small, reqs)
-    assert small.preemptions > 0
-    assert sum(f.stats.preemptions for f in finals) == small.preemptions
-    assert all(f.reason == "length" for f in finals)
-    assert got == expected
-    assert small.allocator.num_used == 0
-
-
 def test_chunked_prefill_keeps_running_streams_flowing(path):
     sched, events = make(path, prefill_chunk=32)
     short = Request([5, 6, 7], greedy(200))
     sched.submit(short)
     for _ in range(3):
-        sched._apply_commands()
+        sched.apply_commands()
         sched.step()
     long = Request(list(range(1, 300)) * 2, greedy(4))  # 598 tokens = 19 chunks of 32
     sched.submit(long)
@@ -149,7 +46,7 @@ def test_an_idle_engine_prefills_a_long_prompt_in_bounded_steps(path):
     budget = sched.cfg.prefill_budget_idle
     long = Request(list(range(1, 300)) * 3, greedy(4))  # 897 tokens
     sched.submit(long)
-    sched._apply_commands()
+    sched.apply_commands()
     sched.step()
     assert calls == [(budget, 0)]
     sched.cancel(long)
@@ -171,7 +68,7 @@ def test_prefill_steps_shrink_as_attention_grows_deeper_into_a_prompt(path):
     run(sched)
     sizes = [n for n, _ in calls]
     assert sum(sizes) == 897 and sizes[0] == sched.cfg.prefill_budget_idle
-    assert all(n == min(897 - start, sched._chunk_at(start)) for n, start in calls)
+    assert all(n == min(897 - start, sched.chunk_at(start)) for n, start in calls)
     assert all(a >= b for a, b in zip(sizes, sizes[1:-1])) and sizes[1] < sizes[0]
 
 
@@ -184,7 +81,7 @@ def test_a_short_prompt_is_not_split_across_steps(path):
     sched.model.prefill = lambda toks, table, start: calls.append((len(toks), start)) or prefill(toks, table, start)
     running = Request([5, 6, 7], greedy(40))
     sched.submit(running)
-    sched._apply_commands()
+    sched.apply_commands()
     sched.step()
     a, b = Request(list(range(10, 30)), greedy(3)), Request(list(range(40, 60)), greedy(3))
     sched.submit(a)
@@ -223,19 +120,8 @@ def test_step_time_of_a_token_is_the_engine_work_since_the_previous_one(path, mo
     """engine_step_ns: a prompt's first token carries its prefill; its second only the decode
     (its own prefill came before its first token); a stream already decoding also carries the
     prefill that ran between its two tokens. Exact, on a clock that only model calls advance."""
-    import engine.scheduler as sch
-
     clock = [0]
-
-    class Clock:
-        monotonic = staticmethod(time.monotonic)
-
-        @staticmethod
-        def monotonic_ns():
-            return clock[0]
-
-    monkeypatch.setattr(sch, "time", Clock)
-    sched, events = make(path)
+    sched, events = make(path, clock=lambda: clock[0])
     prefill, decode = sched.model.prefill, sched.model.decode
 
     def slow_prefill(*a, **k):
@@ -251,7 +137,7 @@ def test_step_time_of_a_token_is_the_engine_work_since_the_previous_one(path, mo
     a = Request([5, 6, 7], greedy(6))
     sched.submit(a)
     for _ in range(3):
-        sched._apply_commands()
+        sched.apply_commands()
         sched.step()
     b = Request([8, 9, 10], greedy(3))
     sched.submit(b)
@@ -261,76 +147,6 @@ def test_step_time_of_a_token_is_the_engine_work_since_the_previous_one(path, mo
     assert steps[id(a)][:2] == [100_000_000, 10_000_000]
     assert 110_000_000 in steps[id(a)][2:]  # the token after b's prefill
     assert sorted(steps[id(a)][2:]) == [10_000_000] * 3 + [110_000_000]
-
-
-def test_cancel_frees_blocks_within_one_step(path):
-    sched, events = make(path)
-    r = Request([1, 2, 3], greedy(500))
-    sched.submit(r)
-    for _ in range(40):
-        sched._apply_commands()
-        sched.step()
-    assert sched.allocator.num_used > 0
-    sched.cancel(r)
-    sched._apply_commands()
-    assert sched.allocator.num_used == 0 and not sched.running
-    assert isinstance(events[-1][1], FinishEvent) and events[-1][1].reason == FINISH_CANCELLED
-
-
-def test_deadline_finishes_and_frees(path):
-    sched, events = make(path)
-    r = Request([1, 2, 3], greedy(900), deadline_ns=time.monotonic_ns() + 20_000_000)
-    sched.submit(r)
-    run(sched)
-    _, (final,) = outputs(events, [r])
-    assert final.reason == FINISH_DEADLINE
-    assert final.stats.completion_tokens < 900
-    assert sched.allocator.num_used == 0
-
-
-def test_finished_requests_are_logged_with_their_request_id(path, caplog):
-    sched, _ = make(path)
-    with caplog.at_level("DEBUG", logger="engine.scheduler"):
-        sched.submit(Request([1, 2, 3], greedy(2), request_id="order-66"))
-        run(sched)
-    assert "request 'order-66' (sequence" in caplog.text and "finished: length" in caplog.text
-
-
-def test_bounded_waiting_queue(path):
-    """Up to max_waiting requests wait beyond those the batch has room for: a burst on an idle
-    engine is not refused before the engine has admitted any of it."""
-    sched, _ = make(path, max_waiting=3)  # max_batch=16
-    for i in range(16 + 3):
-        sched.submit(Request([1, 2], greedy(4)))
-    with pytest.raises(QueueFull, match="3 requests waiting, limit max_waiting=3"):
-        sched.submit(Request([1, 2], greedy(4)))
-    sched._apply_commands()  # in the waiting queue, not yet scheduled: still counted
-    with pytest.raises(QueueFull, match="max_waiting=3"):
-        sched.submit(Request([1, 2], greedy(4)))
-    run(sched)
-    sched.submit(Request([1, 2], greedy(4)))  # room again once admitted
-
-
-def test_idle_session_cache_is_evicted_when_the_pool_is_needed(path):
-    sched, events = make(path, kv_blocks=8)
-    sess = sched.open_session(60)
-    t1 = Request(list(range(1, 80)), greedy(10), session=sess)
-    sched.submit(t1)
-    run(sched)
-    held = sched.allocator.num_used
-    assert held == 6  # the idle session keeps 89 tokens of KV
-    other = Request(list(range(1, 60)), greedy(30))  # needs 6 blocks: only 2 free
-    sched.submit(other)
-    run(sched)
-    _, (f,) = outputs(events, [other])
-    assert f.reason == "length" and sched.allocator.num_used == 0
-    # the session still works: its next turn recomputes what was dropped
-    t2 = Request([7, 8, 9], greedy(5), session=sess)
-    sched.submit(t2)
-    run(sched)
-    _, (f2,) = outputs(events, [t2])
-    assert f2.reason == "length" and f2.stats.cached_tokens == 0
-    assert f2.stats.prompt_tokens == 79 + 10 + 3
 
 
 def test_randomized_mix_keeps_every_stream_correct_and_frees_everything(path):
@@ -372,8 +188,8 @@ def test_randomized_mix_keeps_every_stream_correct_and_frees_everything(path):
         for due in [c for c in cancels if c[0] <= step]:
             cancels.remove(due)
             sched.cancel(due[1])
-        sched._apply_commands()
-        if not plan and not sched.running and not sched.waiting and not sched._inbox:
+        sched.apply_commands()
+        if not plan and sched.idle():
             break
         sched.step()
         step += 1
@@ -381,9 +197,9 @@ def test_randomized_mix_keeps_every_stream_correct_and_frees_everything(path):
         raise AssertionError("the mix did not finish")
     for sess in sessions:
         sched.close_session(sess)
-    sched._apply_commands()
+    sched.apply_commands()
     assert sched.allocator.num_used == 0
-    assert sched._n_partial == 0 and not sched.running and not sched.waiting
+    assert sched.num_prefilling == 0 and not sched.running and not sched.waiting
 
     tokens = {id(r): [] for r in all_reqs}
     finals = {}

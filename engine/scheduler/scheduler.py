@@ -1,0 +1,266 @@
+"""The scheduler's public face: the thread-safe front other threads call (submit, cancel,
+sessions, drain), the engine thread's ownership (start/stop/run) and loop, and the commands the
+loop applies between steps. The model work of a step is
+:class:`engine.scheduler.core.SchedulerCore`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from engine.sampling import StreamPolicy
+from engine.scheduler.commands import (Cancel, CloseSession, FinishAll, QueueFull,
+                                       SchedulerClosed, Submit)
+from engine.scheduler.core import NO_DEADLINE, SchedulerCore
+from engine.scheduler.events import (FINISH_CANCELLED, FINISH_DEADLINE, FINISH_LENGTH,
+                                     FINISH_SHUTDOWN, FinishEvent, SeqStats, SessionExpired)
+from engine.scheduler.sequence import Request, Sequence, Session
+from engine.scheduler.sessions import turn_tokens
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler(SchedulerCore):
+    """Continuous batching for one model: a thread-safe front (submit, cancel, sessions, drain)
+    and one engine thread that owns the model (:meth:`start` / :meth:`stop`, or :meth:`run` on a
+    thread of the caller's; :meth:`apply_commands` + :meth:`step` drive it by hand).
+
+    ``publish(items, quiet)`` receives the events (see the package docstring); ``on_step(batch,
+    decode_ns, prefill_tokens)`` is called after every step; ``clock`` is the monotonic clock in
+    ns the engine times its work and deadlines with."""
+
+    # ---------------------------------------------------------------- thread-safe front
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; raise QueueFull beyond ``max_waiting``, SchedulerClosed when draining."""
+        self._inbox.submit(req, self.cfg.max_batch - len(self.running))
+
+    def cancel(self, req: Request) -> None:
+        self._inbox.put(Cancel(req))
+
+    def open_session(self, idle_timeout_s: float | None = None, owner: Any = None) -> Session:
+        with self._lock:
+            if not self._inbox.accepting:
+                raise SchedulerClosed("the server is shutting down and takes no new sessions")
+            s = self.sessions.open(idle_timeout_s or self.cfg.session_idle_timeout_s, owner)
+        if s is None:
+            raise QueueFull(f"too many open sessions: limit max_sessions={self.cfg.max_sessions}")
+        return s
+
+    def close_session(self, session: Session, reason: str = "client") -> None:
+        self._inbox.put(CloseSession(session, reason))
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._inbox.accepting = False
+
+    def finish_all(self, reason: str = FINISH_SHUTDOWN) -> None:
+        """End every waiting and running request with ``reason`` (next step) and close sessions."""
+        self._inbox.put(FinishAll(reason))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + self._inbox.pending_submits()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_prefilling(self) -> int:
+        """Running sequences whose prefill is not complete."""
+        return self._n_partial
+
+    def kv_usage(self) -> float:
+        return float(self.allocator.usage())
+
+    def idle(self) -> bool:
+        """Nothing running, waiting, or queued for the engine thread."""
+        return not self.running and not self.waiting and not self._inbox
+
+    # ---------------------------------------------------------------- the engine thread
+
+    def start(self) -> None:
+        """Start the engine thread (``wafer-engine``, a daemon) running the loop until
+        :meth:`stop`. Any thread. RuntimeError if the loop already runs; after :meth:`stop` it
+        does nothing (a stopped scheduler stays stopped, so a stop racing a start wins)."""
+        with self._lock:
+            self._claim_loop()
+            if self._stop:
+                return
+            self._thread = threading.Thread(target=self._loop, name="wafer-engine", daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """The engine loop on the calling thread, until :meth:`stop` (at once if stopped)."""
+        with self._lock:
+            self._claim_loop()
+            self._thread = me = threading.current_thread()
+        try:
+            self._loop()
+        finally:
+            with self._lock:
+                if self._thread is me:  # the caller's thread goes on; it no longer runs the loop
+                    self._thread = None
+
+    def _claim_loop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the scheduler's engine loop is already running")
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """End the engine loop after its current step and join the thread running it (the one
+        :meth:`start` made, or the caller's in :meth:`run`). Any thread; idempotent. Requests
+        still queued get no final (:meth:`finish_all` first for that). True once the loop has
+        ended; False if it is still in a model call after ``timeout`` seconds."""
+        with self._lock:
+            self._stop = True
+            thread = self._thread
+        self._wake.set()
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                if self._inbox:
+                    self.apply_commands()
+                self._expire_sessions()
+                if not self.running and not self.waiting:
+                    self._flush()
+                    self._wake.clear()
+                    if not self._inbox:  # a submit after the clear sets the event again
+                        self._wake.wait(0.05)
+                    continue
+                self.step()
+            except Exception as e:  # never leave streams hanging on an engine error
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {e}")
+
+    # ---------------------------------------------------------------- one step (engine thread)
+
+    def step(self) -> None:
+        """One step (engine thread): deadlines, one batched decode, prefill within the budget."""
+        if self._now() >= self._next_deadline_ns:
+            self._expire_deadlines()
+        items: list = []
+        batch = self._decode(items)
+        if items:
+            self.publish(items)
+        items = []
+        n_prefill = self._prefill(items, decoding=batch > 0)
+        if items:
+            self.publish(items)
+        if batch == 0 and n_prefill == 0 and (self.waiting or self.running):
+            self._unstick()
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(batch, self._last_decode_ns, n_prefill)
+        if not self._has_model_work():  # no model call coming to flush before: flush now
+            self._flush()
+
+    def _has_model_work(self) -> bool:
+        return bool(self.running) or bool(self.waiting and len(self.running) < self.cfg.max_batch)
+
+    def _expire_deadlines(self) -> None:
+        now = self._now()
+        nxt = NO_DEADLINE
+        for seq in list(self.running) + list(self.waiting):
+            r = seq.req
+            if r is None or r.deadline_ns is None:
+                continue
+            if now >= r.deadline_ns:
+                self._finish(seq, FINISH_DEADLINE, None)
+            else:
+                nxt = min(nxt, r.deadline_ns)
+        self._next_deadline_ns = nxt
+
+    # ---------------------------------------------------------------- commands (engine thread)
+
+    def apply_commands(self) -> None:
+        """Apply what other threads queued (engine thread, between steps)."""
+        inbox = self._inbox
+        n_before = len(self._outbox)
+        while inbox:
+            cmd = inbox.pop()
+            kind = type(cmd)
+            if kind is Submit:
+                self._admit_request(cmd.req)
+            elif kind is Cancel:
+                req = cmd.req
+                if not req.done and req.seq is not None:
+                    self._finish(req.seq, FINISH_CANCELLED, None)
+                elif not req.done:  # cancelled before it was admitted (still in the inbox order)
+                    req.done = True
+            elif kind is CloseSession:
+                self._close_session(cmd.session, cmd.reason)
+            elif kind is FinishAll:
+                for seq in list(self.running) + list(self.waiting):
+                    self._finish(seq, cmd.reason, None)
+                for s in list(self.sessions.values()):
+                    self._close_session(s, "shutdown")
+        if len(self._outbox) > n_before:  # cancellations and refusals answer at once
+            self._flush()
+
+    _apply_commands = apply_commands  # the name benches/bench_engine.py drives it by
+
+    def _admit_request(self, req: Request) -> None:
+        if req.done or (req.session is not None and req.session.closed):
+            self._unqueue()
+        if req.done:  # cancelled while in the inbox
+            self.publish([(req, FinishEvent(FINISH_CANCELLED, SeqStats(arrival_ns=req.arrival_ns)))])
+            return
+        sess = req.session
+        if sess is not None:
+            if sess.closed:
+                req.done = True
+                self.publish([(req, FinishEvent(FINISH_CANCELLED, SeqStats(), error="session closed"))])
+                return
+            seq = sess.seq
+            if seq is None:
+                seq = sess.seq = Sequence(self.context_length, self.max_blocks)
+            target, common = turn_tokens(seq, req)
+            if len(target) > self.context_length:
+                self._unqueue()
+                req.done = True
+                self.publish([(req, FinishEvent(FINISH_LENGTH, SeqStats(), error=(
+                    f"conversation of {len(target)} tokens exceeds the model's context of "
+                    f"{self.context_length}")))])
+                return
+            cached = min(common, len(target) - 1)
+            self.blocks.truncate(seq, cached)
+            seq.set_tokens(target)
+            sess.active = req
+            sess.last_active = time.monotonic()
+        else:
+            seq = Sequence(self.context_length, self.max_blocks)
+            seq.set_tokens(list(req.prompt))
+            cached = 0
+        end = min(seq.n_tokens + req.params.max_tokens, self.context_length)
+        seq.begin_turn(req, cached, StreamPolicy(req.params, self.vocab_size, self.tokenizer,
+                                                 self.eos_id, end))
+        if req.deadline_ns is not None:
+            self._next_deadline_ns = min(self._next_deadline_ns, req.deadline_ns)
+        self._enqueue(seq)
+
+    def _close_session(self, sess: Session, reason: str) -> None:
+        if sess.closed:
+            return
+        if sess.active is not None and not sess.active.done and sess.seq is not None:
+            self._finish(sess.seq, FINISH_CANCELLED if reason == "client" else FINISH_SHUTDOWN, None)
+        sess.closed = True
+        sess.close_reason = reason
+        if sess.seq is not None:
+            self.blocks.free(sess.seq)
+        self.sessions.pop(sess.session_id, None)
+        if reason != "client" and sess.owner is not None:
+            self.publish([(sess, SessionExpired(reason))])
+
+    def _expire_sessions(self) -> None:
+        for s in self.sessions.expired():
+            log.info("session %s idle for %.0f s: expired", s.session_id,
+                     time.monotonic() - s.last_active)
+            self._close_session(s, "idle")
