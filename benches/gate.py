@@ -79,7 +79,8 @@ def _short(v) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
-def print_table(rows: list[dict], out=sys.stdout) -> None:
+def print_table(rows: list[dict], out=None) -> None:
+    out = out or sys.stdout
     width = max((len(r["metric"]) for r in rows), default=10)
     for r in rows:
         if r["status"] == "same" and r["kind"] == "deterministic":
