@@ -79,13 +79,22 @@ def run(args) -> int:
     result.update(rounds=args.rounds, turns=args.turns, max_tokens=args.max_tokens, server=address)
     if args.save_result:
         with open(args.save_result, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(_no_nan(result), f, indent=2)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(_no_nan(result), indent=2))
     else:
         print_table(result, sys.stdout)
     failed = sum(m["failed"] for m in result["modes"].values())
     return 1 if failed else 0
+
+
+def _no_nan(x):
+    """NaN (a mode without a completed turn, a ratio to an overhead <= 0) as JSON null."""
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return None if isinstance(x, float) and x != x else x
 
 
 async def measure(address: str, model: str, rounds: int, turns: int, max_tokens: int) -> dict[str, list]:
@@ -94,10 +103,10 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
     from benches.loadgen.runner import collect
     from engine.client import AsyncWaferClient
 
-    kw = dict(max_tokens=max_tokens, temperature=0, model=model)
+    kw = dict(max_tokens=max_tokens, temperature=0)
     out = {m: [] for m in MODES}
     async with AsyncWaferClient(address, timeout=600) as reused, AsyncWaferClient(address, timeout=600) as sess_ch:
-        await reused.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, **{"model": model})
+        await reused.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, model=model)
         for r in range(rounds):
             history = {m: [] for m in MODES}
             session = await sess_ch.session(model)
@@ -111,9 +120,9 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
                         rec.start_ns = time.monotonic_ns()
                         if mode == "fresh":
                             async with AsyncWaferClient(address, timeout=600) as fresh:  # new connection
-                                await collect(fresh.generate(messages=msgs, **kw), rec)
+                                await collect(fresh.generate(messages=msgs, model=model, **kw), rec)
                         elif mode == "reused":
-                            await collect(reused.generate(messages=msgs, **kw), rec)
+                            await collect(reused.generate(messages=msgs, model=model, **kw), rec)
                         else:
                             await collect(session.turn(messages=[user], **kw), rec)
                         history[mode] = msgs + [{"role": "assistant", "content": rec.generated_text}]
@@ -158,7 +167,8 @@ def summarize(records: dict[str, list]) -> dict:
         }
     keys = {"ttft": "ttft_p50_ms", "roundtrip_overhead": "roundtrip_overhead_p50_ms",
             "token_overhead": "token_overhead_p50_ms"}
-    ratios = {f"{m}/fresh": {k: modes[m][v] / modes["fresh"][v] for k, v in keys.items()}
+    ratio = lambda a, b: a / b if b > 0 else float("nan")  # noqa: E731  (an overhead can be <= 0)
+    ratios = {f"{m}/fresh": {k: ratio(modes[m][v], modes["fresh"][v]) for k, v in keys.items()}
               for m in ("session", "reused")}
     same = sum(a == b == c for a, b, c in zip(*(modes[m]["texts"] for m in MODES)))
     return {"modes": modes, "ratios": ratios, "published": PUBLISHED, "same_answers": same}
