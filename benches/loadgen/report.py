@@ -118,8 +118,17 @@ def result_path(directory: str | None, filename: str | None, result: dict, index
     else:
         conc = f"-concurrency{result['max_concurrency']}" if result["max_concurrency"] else ""
         sweep = f"-{index}-{_slug(result['label'])}" if index is not None else ""
-        p = Path(f"{BACKEND}-{result['request_rate']}qps{conc}-{_slug(result['model_id'])}-{result['date']}{sweep}.json")
+        rate = result["request_rate"] if result["request_rate"] == "inf" else f"{result['request_rate']:.2f}"
+        p = Path(f"{BACKEND}-{rate}qps{conc}-{_slug(result['model_id'])}-{result['date']}{sweep}.json")
     return Path(directory) / p if directory else p
+
+
+def plot_stem(filename: str | None, results: list[dict]) -> str:
+    """The plots' file name stem: --result-filename's, else the run's (a sweep's: -sweep-)."""
+    if filename or len(results) == 1:
+        return result_path(None, filename, results[0]).stem
+    r = results[0]
+    return f"{BACKEND}-sweep-{_slug(r['model_id'])}-{r['date']}"
 
 
 def _slug(s: str) -> str:

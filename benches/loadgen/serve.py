@@ -195,7 +195,7 @@ def output(args, results: list[dict]) -> int:
     if args.plot:
         from benches.loadgen.plot import plot_results
 
-        stem = report.result_path(None, args.result_filename, results[0]).stem
+        stem = report.plot_stem(args.result_filename, results)
         paths += plot_results(results, Path(args.result_dir or "."), stem)
     for p in paths:
         print(f"wrote {p}", file=sys.stderr)
