@@ -33,8 +33,6 @@ import json
 import sys
 import time
 
-import numpy as np
-
 from benches.loadgen.server import add_target_arguments, target_address
 
 CONVERSATION = [
@@ -69,9 +67,14 @@ def run(args) -> int:
         print(f"wafer bench sessions: error: --turns must be in [1, {len(CONVERSATION)}], --rounds and "
               f"--max-tokens at least 1", file=sys.stderr)
         return 2
+    import grpc
+
     try:
         with target_address(args) as address:
             records = asyncio.run(measure(address, args.model_name, args.rounds, args.turns, args.max_tokens))
+    except grpc.RpcError as e:  # the warm-up or a session open refused
+        print(f"wafer bench sessions: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, OSError) as e:
         print(f"wafer bench sessions: error: {e}", file=sys.stderr)
         return 2
@@ -101,12 +104,14 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
     """Per mode, one RequestRecord per turn (interleaved)."""
     from benches.loadgen.metrics import RequestRecord
     from benches.loadgen.runner import collect
+    from benches.loadgen.serve import loaded_model
     from engine.client import AsyncWaferClient
 
     kw = dict(max_tokens=max_tokens, temperature=0)
     out = {m: [] for m in MODES}
     async with AsyncWaferClient(address, timeout=600) as reused, AsyncWaferClient(address, timeout=600) as sess_ch:
-        await reused.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, model=model)
+        await loaded_model(reused, model, address)
+        await reused.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, model=model)  # connect
         for r in range(rounds):
             history = {m: [] for m in MODES}
             session = await sess_ch.session(model)
@@ -145,6 +150,8 @@ def per_turn(rec) -> dict:
 
 
 def summarize(records: dict[str, list]) -> dict:
+    import numpy as np
+
     modes = {}
     for mode, recs in records.items():
         ok = [per_turn(r) for r in recs if r.success]
