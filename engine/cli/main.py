@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "engine.cli.serve",  # serve
     "engine.cli.chat",  # chat
     "engine.cli.sim",  # sim plan / run / plot / trace ... (sim/cli.py)
+    "engine.cli.bench",  # bench serve / sessions / gate (benches/)
 ]
 
 
