@@ -20,7 +20,7 @@ model: install
 	$(WAFER) models pull $(MODEL)
 
 demo: model
-	$(PY) -m engine.demo --model $(MODEL)
+	$(PY) -m engine.cli.demo --model $(MODEL)
 
 test: model
 	$(PY) -m pytest -q tests

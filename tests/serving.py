@@ -6,7 +6,7 @@ import time
 import urllib.request
 
 from engine.server.app import ServerOptions
-from engine.server.client import Completion, Token
+from engine.client import Completion, Token
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
 from protos import wafer_pb2 as pb

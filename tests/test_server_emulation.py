@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine.server.app import ServerOptions
-from engine.server.client import Completion, Token, WaferClient
+from engine.client import Completion, Token, WaferClient
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
 from sim.clock import WaferClock

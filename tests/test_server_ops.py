@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.server.app import ServerOptions
-from engine.server.client import WaferClient
+from engine.client import WaferClient
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
 from protos import wafer_pb2 as pb
@@ -92,7 +92,7 @@ def test_deprecated_model_served_with_trailing_metadata(client):
 
 
 def test_cli_warning_for_a_deprecated_model():
-    from engine.server.client import deprecation_warning
+    from engine.cli.output import deprecation_warning
 
     assert deprecation_warning({}, "tiny") is None
     md = {"wafer-deprecated": "true", "wafer-sunset": "2099-12-31", "wafer-successor": "tiny"}
@@ -201,7 +201,7 @@ def test_drain_waits_for_a_slow_step_to_send_the_finals(model_path):
     seconds (a long prefill on a busy machine) must still end each stream with its final."""
     import asyncio
 
-    from engine.server.client import AsyncWaferClient
+    from engine.client import AsyncWaferClient
 
     reg = Registry([ModelEntry(name="tiny", path=str(model_path), max_batch=8)])
     with ServerThread(reg, ServerOptions(port=0, metrics_port=None)) as srv:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.server.client import Completion, Token, WaferClient
+from engine.client import Completion, Token, WaferClient
 
 ROOT = Path(__file__).resolve().parents[1]
 

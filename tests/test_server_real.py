@@ -8,7 +8,7 @@ import concurrent.futures as cf
 import pytest
 
 from engine.server.app import ServerOptions
-from engine.server.client import Token, WaferClient
+from engine.client import Token, WaferClient
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
 

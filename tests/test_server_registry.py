@@ -161,7 +161,7 @@ def test_a_retired_default_is_named_at_start():
 
 
 def test_serve_names_a_malformed_value(tmp_path, capsys):
-    from engine.cli import main
+    from engine.cli.main import main
 
     f = tmp_path / "registry.toml"
     f.write_text('[[models]]\nname = "a"\npath = "x"\nmax_batch = 0\n')
@@ -171,9 +171,9 @@ def test_serve_names_a_malformed_value(tmp_path, capsys):
 
 def test_serve_model_flag_keeps_a_known_models_aliases():
     """`wafer serve --model smollm2-135m` answers to the alias the README's examples use."""
-    from engine.server.cli import _builtin_entry
+    from engine.cli.serve import builtin_entry
 
-    assert _builtin_entry("smollm2-135m").aliases == ("smollm2-135m-instruct", "smollm2")
-    assert _builtin_entry("smollm2").name == "smollm2-135m"
-    assert _builtin_entry("smollm2-135m-instruct").name == "smollm2-135m"  # as `wafer models pull`
-    assert _builtin_entry("/models/other.gguf") is None
+    assert builtin_entry("smollm2-135m").aliases == ("smollm2-135m-instruct", "smollm2")
+    assert builtin_entry("smollm2").name == "smollm2-135m"
+    assert builtin_entry("smollm2-135m-instruct").name == "smollm2-135m"  # as `wafer models pull`
+    assert builtin_entry("/models/other.gguf") is None

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from engine.server.client import Completion, SessionError, Token, WaferClient
+from engine.client import Completion, SessionError, Token, WaferClient
 from protos import wafer_pb2 as pb
 from serving import CONTEXT, kv_used, scrape, session_script, split, tiny_server, turn, wait_until
 
@@ -105,18 +105,16 @@ def test_session_turn_left_early_is_cancelled_and_never_leaks_into_the_next(clie
 
 
 def test_what_is_left_of_an_abandoned_turn_is_skipped_but_not_a_close():
-    from types import SimpleNamespace
+    from engine.client import belongs_to_abandoned
 
-    from engine.server.client import _belongs_to_abandoned
-
-    s = SimpleNamespace(_abandoned={"t1"})
+    abandoned = {"t1"}
     chunk = pb.SessionResponse(turn_id="t1", chunk=pb.TokenChunk(token_ids=[5]))
-    assert _belongs_to_abandoned(s, chunk) and s._abandoned == {"t1"}
-    assert not _belongs_to_abandoned(s, pb.SessionResponse(turn_id="t2", chunk=pb.TokenChunk()))
+    assert belongs_to_abandoned(abandoned, chunk) and abandoned == {"t1"}
+    assert not belongs_to_abandoned(abandoned, pb.SessionResponse(turn_id="t2", chunk=pb.TokenChunk()))
     closed = pb.SessionResponse(turn_id="t1", closed=pb.SessionClosed(reason="shutdown"))
-    assert not _belongs_to_abandoned(s, closed)  # the session's end reaches the current turn
-    assert _belongs_to_abandoned(s, pb.SessionResponse(turn_id="t1", final=pb.Final()))
-    assert s._abandoned == set()  # its final arrived: nothing more to skip
+    assert not belongs_to_abandoned(abandoned, closed)  # the session's end reaches the current turn
+    assert belongs_to_abandoned(abandoned, pb.SessionResponse(turn_id="t1", final=pb.Final()))
+    assert abandoned == set()  # its final arrived: nothing more to skip
 
 
 def test_session_refuses_chat_messages_after_raw_turns(client):
@@ -220,7 +218,7 @@ def test_session_outcomes_are_counted_once(client, server):
 def test_async_client_generate_and_session(server):
     import asyncio
 
-    from engine.server.client import AsyncWaferClient
+    from engine.client import AsyncWaferClient
 
     async def main():
         async with AsyncWaferClient(server.address, timeout=60) as c:

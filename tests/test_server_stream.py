@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.server.app import ServerOptions
-from engine.server.client import Completion, SessionError, Token, WaferClient
+from engine.client import Completion, SessionError, Token, WaferClient
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
 from protos import wafer_pb2 as pb
@@ -152,12 +152,12 @@ def test_overload_gives_resource_exhausted_and_stays_healthy(client, server):
 
 def test_client_keeps_text_that_comes_without_a_token():
     """A chunk with text and no token (text held back until the end) goes to Completion.text."""
-    from engine.server.client import _final, _tokens
+    from engine.client import chunk_tokens, final_completion
 
     tail: list[str] = []
-    assert [t.text for t in _tokens(pb.TokenChunk(token_ids=[5], text="a"), 0, tail)] == ["a"]
-    assert _tokens(pb.TokenChunk(text="bc"), 0, tail) == []
-    assert _final(pb.Final(finish_reason="length"), tail).text == "bc" and tail == []
+    assert [t.text for t in chunk_tokens(pb.TokenChunk(token_ids=[5], text="a"), 0, tail)] == ["a"]
+    assert chunk_tokens(pb.TokenChunk(text="bc"), 0, tail) == []
+    assert final_completion(pb.Final(finish_reason="length"), tail).text == "bc" and tail == []
 
 
 def test_publisher_keeps_each_stream_in_order():
@@ -215,7 +215,7 @@ def test_mixed_load_every_call_ends_and_the_pool_empties(model_path):
     import asyncio
     import random
 
-    from engine.server.client import AsyncWaferClient
+    from engine.client import AsyncWaferClient
 
     reg = Registry([ModelEntry(name="tiny", path=str(model_path), max_batch=8, kv_blocks=24, max_waiting=64)])
     rnd = random.Random(4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from engine.server.client import WaferClient
+from engine.client import WaferClient
 from engine.server.servicer import abandoned_status
 from engine.server.validate import PROBE_CHARS_PER_TOKEN, Invalid, sampling_params
 from protos import wafer_pb2 as pb
@@ -122,7 +122,7 @@ def test_abandoned_call_status():
 
 
 def test_client_names_a_misplaced_keyword():
-    from engine.server.client import sampling
+    from engine.client import sampling
 
     with pytest.raises(TypeError, match="text= is not a sampling parameter.*raw text is the first argument"):
         sampling(text="hi")

@@ -4,4 +4,4 @@ app (bind, health, reflection, drain) -> runtime (load, warm, the engine thread 
 scheduler) -> publisher, threads (priorities); app -> servicer (thin RPCs) -> session_call (the
 Session RPC) -> stream (engine events -> messages + metrics), validate (request -> SamplingParams);
 registry (models and lifecycle), metrics (Prometheus), emulation (wafer timing), options.
-client (sync/asyncio) and cli sit beside them; testing runs a server on a thread."""
+testing runs a server on a thread. Clients are in engine.client, the CLI in engine.cli."""

@@ -1,4 +1,4 @@
-"""`wafer serve` and `wafer chat` (`wafer generate --server` lives in engine/generate_cli.py)."""
+"""`wafer serve`: run the gRPC token-streaming server (a registry, or one --model) until SIGTERM."""
 
 from __future__ import annotations
 
@@ -38,17 +38,10 @@ def add_parsers(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=serve_cmd)
 
-    c = sub.add_parser("chat", help="interactive persistent session with a running server")
-    c.add_argument("--server", required=True, metavar="HOST:PORT")
-    c.add_argument("--model", default="", help="model name (default: the server's default)")
-    c.add_argument("--max-tokens", type=int, default=None)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--json", action="store_true", help="one JSON object per token, then a summary per turn")
-    c.set_defaults(func=chat_cmd)
 
-
-def _builtin_entry(name: str):
+def builtin_entry(name: str):
+    """The built-in registry's entry a name or alias means (with its aliases), or None: what
+    `wafer serve --model NAME` serves."""
     from engine.server.registry import Registry, UnknownModel
 
     try:
@@ -64,7 +57,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.model and (known := _builtin_entry(args.model)):  # a known name keeps its aliases
+        if args.model and (known := builtin_entry(args.model)):  # a known name keeps its aliases
             registry = Registry([known])
         elif args.model:
             registry = Registry([ModelEntry(name=args.model, path=args.model)], default=args.model)
@@ -125,9 +118,3 @@ def serve_cmd(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"wafer serve: error: {e}", file=sys.stderr)
         return 2
-
-
-def chat_cmd(args: argparse.Namespace) -> int:
-    from engine.server.client import chat_cli
-
-    return chat_cli(args)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from engine.cli.output import deprecation_warning, emit, emit_summary
 
 
 def add_parsers(sub) -> None:
@@ -28,6 +29,10 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run)
 
 
+def run(args: argparse.Namespace) -> int:
+    return run_remote(args) if args.server else run_local(args)
+
+
 def sampling_params(args: argparse.Namespace):
     from engine.sampling import SamplingParams
 
@@ -38,34 +43,8 @@ def sampling_params(args: argparse.Namespace):
     )
 
 
-def emit(args, token_id: int, text: str, extra: dict | None = None) -> None:
-    """One token: its text, or with --json {"id", "text"} and ``extra`` (e.g. the simulated
-    wafer time of an emulating server)."""
-    if args.json:
-        print(json.dumps({"id": token_id, "text": text, **(extra or {})}), flush=True)
-    elif text:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-
-def emit_summary(args, prompt_tokens, completion_tokens, ttft_ms, decode_tok_s, finish_reason,
-                 extra: dict | None = None) -> None:
-    summary = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-               "ttft_ms": round(ttft_ms, 3), "decode_tok_s": round(decode_tok_s, 2),
-               "finish_reason": finish_reason, **(extra or {})}
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    else:
-        sys.stdout.write("\n")
-        print(f"[{completion_tokens} tokens, {finish_reason}; TTFT {ttft_ms:.1f} ms, "
-              f"{decode_tok_s:.1f} tok/s]", file=sys.stderr)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.server:
-        from engine.server.client import generate_cli_remote
-
-        return generate_cli_remote(args)
+def run_local(args: argparse.Namespace) -> int:
+    """`wafer generate [--model M]`: load the model in this process and decode one stream."""
     from engine.fetch import resolve_model
 
     path = resolve_model(args.model or "smollm2-135m")
@@ -84,4 +63,49 @@ def run(args: argparse.Namespace) -> int:
         emit(args, tok.id, tok.text)
     s = gen.stats
     emit_summary(args, s.prompt_tokens, s.completion_tokens, s.ttft_s * 1e3, s.decode_tok_s, s.finish_reason)
+    return 0
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """`wafer generate --server HOST:PORT ...`: same output as the local mode."""
+    import grpc
+
+    from engine.client import Token, WaferClient, generate_request
+
+    kw = dict(model=args.model or "", max_tokens=args.max_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              min_p=getattr(args, "min_p", None),
+              repetition_penalty=getattr(args, "repetition_penalty", None), seed=args.seed,
+              stop=list(getattr(args, "stop", []) or []))
+    if args.raw:
+        kw["prompt"] = args.prompt
+    else:
+        kw["messages"] = [{"role": "user", "content": args.prompt}]
+    try:
+        request = generate_request(**kw)
+    except ValueError as e:  # a value the request's field cannot hold
+        print(f"wafer generate: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with WaferClient(args.server) as client:
+            for item in client.generate(request=request):
+                if isinstance(item, Token):
+                    emulated = item.sim_time_us is not None
+                    emit(args, item.id, item.text,
+                         {"sim_time_us": item.sim_time_us, "late_us": item.late_us} if emulated else None)
+                else:
+                    if item.text and not args.json:
+                        sys.stdout.write(item.text)
+                    u = item.usage
+                    n = u["completion_tokens"]
+                    decode_s = u["mean_itl_ms"] * (n - 1) / 1e3
+                    tok_s = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+                    emit_summary(args, u["prompt_tokens"], n, u["ttft_ms"], tok_s, item.finish_reason,
+                                 {"emulation": item.emulation} if item.emulation else None)
+                    warning = deprecation_warning(item.trailing_metadata, args.model or "")
+                    if warning:  # after the text and its summary, on a line of its own
+                        print(f"wafer generate: {warning}", file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"wafer generate: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
     return 0

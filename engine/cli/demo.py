@@ -1,7 +1,7 @@
 """`make demo`: start `wafer serve` on a free loopback port, stream one chat completion through
 the gRPC client, print a usage line, stop the server with SIGTERM.
 
-    python -m engine.demo --model smollm2-135m [--prompt "..."] [--max-tokens N]
+    python -m engine.cli.demo --model smollm2-135m [--prompt "..."] [--max-tokens N]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] server SERVING on {address} after {time.monotonic() - t0:.1f} s "
               f"(metrics http://127.0.0.1:{metrics_port}/metrics)", file=sys.stderr)
 
-        from engine.server.client import Token, WaferClient
+        from engine.client import Token, WaferClient
 
         with WaferClient(address, timeout=300) as client:
             client.wait_ready(60)
