@@ -49,7 +49,7 @@ import grpc
 import numpy as np
 import pytest
 
-from engine.server.app import grpc_threads, realtime_threads
+from engine.server.threads import grpc_threads, realtime_threads
 from protos import wafer_pb2 as pb
 from protos import wafer_pb2_grpc as pb_grpc
 

@@ -1,5 +1,5 @@
-"""The wafer gRPC server: model runtimes (one engine thread each), grpc.aio, health, reflection,
-metrics, graceful drain.
+"""The wafer gRPC server: binds grpc.aio (the Wafer service, health, reflection) and the metrics
+endpoint, starts a ModelRuntime per engine, says SERVING once they are ready, drains on SIGTERM.
 
     server = WaferServer(Registry.builtin(), ServerOptions(port=50051, metrics_port=9400))
     await server.start()          # binds, starts loading models (health NOT_SERVING)
@@ -10,27 +10,28 @@ metrics, graceful drain.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine import scheduler as sch
-from engine.sampling import StopChecker
 from engine.server.metrics import Metrics
+from engine.server.options import ServerOptions
 from engine.server.registry import ModelEntry, Registry
-from engine.server.servicer import SERVICE_NAME, Publisher, WaferServicer
+from engine.server.runtime import ModelRuntime
+from engine.server.servicer import SERVICE_NAME, WaferServicer
+from engine.server.threads import grpc_threads, realtime_threads
 from protos import wafer_pb2, wafer_pb2_grpc
 
 log = logging.getLogger("wafer.server")
+
+__all__ = ["ServerOptions", "WaferServer", "serve"]
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SWITCH_INTERVAL_S = 0.0005
@@ -49,185 +50,6 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),
 ]
-
-
-@dataclass
-class ServerOptions:
-    host: str = "127.0.0.1"
-    port: int = 50051                 # 0 = pick a free port
-    metrics_port: int | None = 9400   # None = no metrics endpoint; 0 = pick a free port
-    grace_s: float = 10.0             # SIGTERM: how long running streams may finish
-    session_idle_timeout_s: float = 300.0
-    emulate: str = ""                 # override every model's emulation target
-    pace: str = "realtime"
-    threads: int | None = None        # Numba threads
-    engine_nice: int = 0              # niceness of the engine thread and the compute threads it starts
-    engine_sched_idle: bool = False   # those threads under SCHED_IDLE instead (no privilege needed)
-    realtime_streaming: bool = False  # the threads that stream tokens under SCHED_RR (needs privilege)
-
-
-def lower_priority(nice: int) -> None:
-    """Run this thread, and the Numba compute threads it starts (they inherit it), at a lower
-    priority than the threads that stream tokens. The decode keeps both cores busy; without this
-    a woken event loop can wait a scheduler time slice (measured: ITL spikes of 2-7 ms at p90 with
-    one stream) before it sends a token that is already computed."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except OSError as e:
-        log.warning("could not set the engine's niceness to %d: %s", nice, e)
-
-
-def idle_priority() -> None:
-    """Run this thread, and the Numba compute threads it starts (they inherit it), under
-    SCHED_IDLE: the kernel lets any other woken thread - ours that stream tokens, a client on the
-    same machine - preempt them at once, where at a low niceness a woken thread can still wait up
-    to a scheduler tick (the p99 spikes of the serving bench). No privilege needed. The decode
-    then only gets the cores nothing else wants: for a machine that serves and little else."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        log.info("engine and its compute threads run under SCHED_IDLE")
-    except (OSError, AttributeError) as e:  # AttributeError: not Linux
-        log.warning("cannot run the engine under SCHED_IDLE (%s); it keeps normal priority", e)
-
-
-def realtime_threads(tids) -> int:
-    """Put threads under SCHED_RR at the lowest real-time priority, so a woken thread takes a core
-    from the compute threads at once instead of after up to a scheduler tick (the p99 spikes of
-    the serving bench). Threads they start later are normal again (SCHED_RESET_ON_FORK). Needs
-    CAP_SYS_NICE or an RLIMIT_RTPRIO of at least 1; returns how many threads were changed."""
-    policy = os.SCHED_RR | os.SCHED_RESET_ON_FORK
-    done = 0
-    for tid in tids:
-        try:
-            os.sched_setscheduler(tid, policy, os.sched_param(1))
-            done += 1
-        except ProcessLookupError:  # the thread has ended
-            continue
-        except OSError as e:
-            log.warning("cannot run the streaming threads under SCHED_RR (%s): it needs CAP_SYS_NICE "
-                        "or an RLIMIT_RTPRIO of at least 1; they keep normal priority", e)
-            break
-    return done
-
-
-def grpc_threads() -> list[int]:
-    """gRPC's threads in this process: core's I/O pollers and timers (by the names core gives them)
-    and grpc.aio's completion-queue poller, a Python thread running ``_poll_wrapper``."""
-    out = [t.native_id for t in threading.enumerate() if "_poll_wrapper" in t.name]
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            name = open(f"/proc/self/task/{tid}/comm").read().strip()
-        except OSError:
-            continue
-        if name.startswith(("event_engine", "grpc")):
-            out.append(int(tid))
-    return out
-
-
-class ModelRuntime:
-    """A loaded model and its scheduler, owned by one engine thread."""
-
-    def __init__(self, entry: ModelEntry, options: ServerOptions, metrics: Metrics | None,
-                 emulate: str = "", pace: str = "realtime"):
-        self.entry = entry
-        self.options = options
-        self.metrics = metrics
-        self.emulate = emulate
-        self.pace = pace
-        self.model = None
-        self.scheduler: sch.Scheduler | None = None
-        self.emulator = None
-        self.publisher = None
-        self._on_step = None
-        self.error: BaseException | None = None
-        self.loaded = threading.Event()
-        self._stopping = False  # set by stop(); a model still loading then never starts serving
-        self.load_seconds = 0.0
-        self._thread: threading.Thread | None = None
-
-    @property
-    def is_ready(self) -> bool:
-        return self.loaded.is_set() and self.error is None
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
-    def detokenizer(self, params):
-        """Text deltas for a stream's token ids (stop strings held back and cut, as the engine
-        decides them)."""
-        return StopChecker(params, self.model.tokenizer, self.model.tokenizer.eos_id)
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.model.kv.num_blocks * self.model.kv.block_size
-
-    def start(self) -> None:
-        # the publisher thread is started here, not on the engine thread: a thread inherits its
-        # creator's niceness, and the hand-off to the event loop must not wait behind the decode
-        self._on_step = self.metrics.step_observer(self.entry.name) if self.metrics else None
-        self.publisher = Publisher(after_hop=self._on_step.drain if self._on_step else None)
-        self._thread = threading.Thread(target=self._main, name=f"wafer-engine-{self.entry.name}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        """Engine thread: load + warm the model, then run the batching loop until stopped."""
-        if self.options.engine_sched_idle:
-            idle_priority()
-        elif self.options.engine_nice:
-            lower_priority(self.options.engine_nice)
-        try:
-            from engine.fetch import resolve_model
-            from engine.model import Model
-
-            t0 = time.perf_counter()
-            e = self.entry
-            model = Model.load(resolve_model(e.path), max_batch=e.max_batch, kv_blocks=e.kv_blocks,
-                               block_size=e.block_size, threads=self.options.threads)
-            model.warmup()
-            if self.emulate:
-                from engine.server.emulation import Emulator
-
-                pool = model.kv.num_blocks * model.kv.block_size
-                self.emulator = Emulator(self.emulate, self.pace, kv_tokens=pool)
-            cfg = sch.SchedulerConfig(
-                max_batch=e.max_batch, max_waiting=e.max_waiting, prefill_chunk=e.prefill_chunk,
-                session_idle_timeout_s=self.options.session_idle_timeout_s)
-            self.scheduler = sch.Scheduler(model, cfg, publish=self.publisher, on_step=self._on_step)
-            self.model = model
-            if self.metrics:
-                self.metrics.bind_scheduler(e.name, self.scheduler)
-            # Loading leaves ~120k long-lived objects (vocabulary, GGUF metadata, Numba's types). A
-            # full collection walks them all (~50 ms here) holding the GIL, stalling every stream;
-            # freezing them keeps later collections to the objects serving creates.
-            gc.collect()
-            gc.freeze()
-            self.load_seconds = time.perf_counter() - t0
-        except BaseException as exc:  # reported by wait_ready
-            log.exception("loading model %r failed", self.entry.name)
-            self.error = exc
-            self.loaded.set()
-            return
-        self.loaded.set()
-        if not self._stopping:
-            self.scheduler.run()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread. One still loading the model is not waited for (loading cannot
-        be interrupted; the thread is a daemon and never starts serving)."""
-        self._stopping = True
-        if self.scheduler is not None:
-            self.scheduler._stop = True
-            self.scheduler._wake.set()
-        if self._thread is not None and self.scheduler is not None:
-            self._thread.join(timeout)
-        if self.publisher is not None:
-            self.publisher.close()
 
 
 class WaferServer:
@@ -354,8 +176,7 @@ class WaferServer:
             s.stop_accepting()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and not self._hurry.is_set():
-            busy = any(s.running or s.waiting or s._inbox for s in scheds)
-            if not busy:
+            if all(s.idle() for s in scheds):
                 break
             await asyncio.sleep(0.02)
         for s in scheds:

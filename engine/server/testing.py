@@ -27,11 +27,11 @@ class ServerThread:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None
 
     def start(self, timeout: float = 300.0, wait_ready: bool = True) -> "ServerThread":
-        self._thread = threading.Thread(target=self._run, name="wafer-test-server", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name="wafer-test-server", daemon=True)
+        self.thread.start()
         if not self._started.wait(timeout):
             raise TimeoutError("server did not start")
         if self._error is not None:
@@ -81,11 +81,11 @@ class ServerThread:
                 self.call(self.server.stop(0), 30)
             except (RuntimeError, cf.CancelledError):  # the loop ended meanwhile (drain finished)
                 pass
-        if self._thread is not None:
-            self._thread.join(30)
+        if self.thread is not None:
+            self.thread.join(30)
 
     def __enter__(self) -> "ServerThread":
-        if self._thread is None:
+        if self.thread is None:
             self.start()
         return self
 
