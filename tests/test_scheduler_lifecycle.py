@@ -99,8 +99,29 @@ def test_start_owns_the_engine_thread_and_stop_joins_it(path):
     assert got == expected and final.reason == "length"
     assert sched.allocator.num_used == 0 and sched.idle()
     assert sched.stop() is True  # idempotent
-    sched.start()  # stopped stays stopped: no thread
+    assert sched.start() is None  # stopped stays stopped: no thread
     assert not [t for t in threading.enumerate() if t.name == "wafer-engine"]
+
+
+def test_start_runs_the_per_thread_setup_on_the_engine_thread_it_returns(path):
+    import numba
+
+    sched, events = make(path)
+    seen = {}
+
+    def setup():  # Numba's thread count is per thread: a server sets it on the engine thread
+        numba.set_num_threads(1)
+        seen["thread"] = threading.current_thread()
+
+    thread = sched.start(name="wafer-engine-tiny", on_thread=setup)
+    try:
+        r = Request([4, 5, 6], greedy(3))
+        sched.submit(r)
+        _wait_final(events, r)
+    finally:
+        assert sched.stop(timeout=30)
+    assert seen["thread"] is thread and thread.name == "wafer-engine-tiny" and not thread.is_alive()
+    assert thread is not threading.current_thread()
 
 
 def test_stop_joins_a_loop_run_on_the_callers_own_thread(path):

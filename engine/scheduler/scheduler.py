@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from engine.sampling import StreamPolicy
 from engine.scheduler.commands import (Cancel, CloseSession, FinishAll, QueueFull,
@@ -82,16 +82,26 @@ class Scheduler(SchedulerCore):
 
     # ---------------------------------------------------------------- the engine thread
 
-    def start(self) -> None:
-        """Start the engine thread (``wafer-engine``, a daemon) running the loop until
-        :meth:`stop`. Any thread. RuntimeError if the loop already runs; after :meth:`stop` it
-        does nothing (a stopped scheduler stays stopped, so a stop racing a start wins)."""
+    def start(self, name: str = "wafer-engine",
+              on_thread: Callable[[], None] | None = None) -> threading.Thread | None:
+        """Start the engine thread (a daemon named ``name``) running the loop until :meth:`stop`;
+        ``on_thread`` runs first on that thread (per-thread settings: Numba's thread count,
+        priority). Any thread. Returns the thread, or None after :meth:`stop` (a stopped
+        scheduler stays stopped, so a stop racing a start wins); RuntimeError if the loop
+        already runs."""
         with self._lock:
             self._claim_loop()
             if self._stop:
-                return
-            self._thread = threading.Thread(target=self._loop, name="wafer-engine", daemon=True)
+                return None
+
+            def main() -> None:
+                if on_thread is not None:
+                    on_thread()
+                self._loop()
+
+            self._thread = threading.Thread(target=main, name=name, daemon=True)
             self._thread.start()
+            return self._thread
 
     def run(self) -> None:
         """The engine loop on the calling thread, until :meth:`stop` (at once if stopped)."""

@@ -24,8 +24,6 @@ from engine.server.threads import idle_priority, lower_priority
 
 log = logging.getLogger("wafer.server")
 
-ENGINE_THREAD_NAME = "wafer-engine"  # the name Scheduler.start gives its thread
-_engine_starts = threading.Lock()    # one engine thread started at a time: see _start_engine
 
 
 class ModelRuntime:
@@ -128,13 +126,18 @@ class ModelRuntime:
         self.loaded.set()
 
     def _start_engine(self) -> threading.Thread | None:
-        """``Scheduler.start()`` from this (the loading) thread, so the engine thread inherits its
-        priority; the started thread is found by its name, one start at a time across runtimes."""
-        with _engine_starts:
-            before = set(threading.enumerate())
-            self.scheduler.start()
-            new = [t for t in threading.enumerate() if t not in before and t.name == ENGINE_THREAD_NAME]
-        return new[0] if new else None
+        """The engine thread, through ``Scheduler.start``. Numba's thread count is a per-thread
+        setting (a new thread starts at the default), so it is set again on the engine thread,
+        which inherits this (loading) thread's priority."""
+        threads = self.options.threads
+
+        def on_engine_thread() -> None:
+            if threads:
+                import numba
+
+                numba.set_num_threads(threads)
+
+        return self.scheduler.start(name=f"wafer-engine-{self.entry.name}", on_thread=on_engine_thread)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the engine thread. One still loading the model is not waited for (loading cannot
