@@ -18,16 +18,17 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from engine import scheduler as sch
 from engine.server.metrics import Metrics
 from engine.server.options import ServerOptions
+from engine.server.parse import add_wafer_service
+from engine.server.reflection import enable_reflection
 from engine.server.registry import ModelEntry, Registry
 from engine.server.runtime import ModelRuntime
 from engine.server.servicer import SERVICE_NAME, WaferServicer
 from engine.server.threads import grpc_threads, realtime_threads
-from protos import wafer_pb2, wafer_pb2_grpc
+from protos import wafer_pb2
 
 log = logging.getLogger("wafer.server")
 
@@ -89,14 +90,11 @@ class WaferServer:
 
     async def start(self) -> None:
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        wafer_pb2_grpc.add_WaferServicer_to_server(self.servicer, server)
+        # the generated handlers, with request parsing that refuses a bad message itself
+        add_wafer_service(self.servicer, server, self.servicer.refuse_unparsable)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (
-            wafer_pb2.DESCRIPTOR.services_by_name["Wafer"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(names, server)
+        enable_reflection((wafer_pb2.DESCRIPTOR.services_by_name["Wafer"].full_name,
+                           health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         where = f"{self.options.host}:{self.options.port}"
