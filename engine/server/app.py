@@ -168,8 +168,13 @@ class WaferServer:
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         for rt in self.runtimes.values():
-            log.info("model %s ready in %.1f s (%s)%s", rt.entry.name, rt.load_seconds,
-                     rt.config.quantization,
+            kv = rt.model.kv
+            # the pool is reserved, not resident: its pages become resident as blocks are first
+            # used (low block ids first, freed ones reused), so RSS grows with the most KV ever
+            # held at once and stays there, up to this size (the registry's kv_blocks bounds it)
+            log.info("model %s ready in %.1f s (%s; KV pool %d tokens, %.0f MiB, resident as used)%s",
+                     rt.entry.name, rt.load_seconds, rt.config.quantization, rt.kv_tokens,
+                     (kv.k.nbytes + kv.v.nbytes) / 2**20,
                      f", emulating {rt.emulate} on {rt.emulator.clock.n_wafers} wafer(s) with KV for "
                      f"{rt.emulator.clock.max_sequences} x {rt.emulator.clock.context} tokens, pace={rt.pace}"
                      if rt.emulator else "")

@@ -15,7 +15,8 @@ import ssl
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               make_wsgi_app)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class _MetricsHTTPServer(ThreadingWSGIServer):
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
         L = ["model_name"]
         self.ttft = Histogram("wafer_time_to_first_token_seconds",
                               "Time from request arrival to its first token sent.", L,
