@@ -171,7 +171,9 @@ class WaferServer:
             kv = rt.model.kv
             # the pool is reserved, not resident: its pages become resident as blocks are first
             # used (low block ids first, freed ones reused), so RSS grows with the most KV ever
-            # held at once and stays there, up to this size (the registry's kv_blocks bounds it)
+            # held at once and stays there, up to this size (the registry's kv_blocks bounds it).
+            # NumPy asks for transparent huge pages on large arrays, so it grows in steps: a 2 MiB
+            # page per layer of K and of V (SmolLM2-135M: ~120 MiB per ~170 blocks of high water)
             log.info("model %s ready in %.1f s (%s; KV pool %d tokens, %.0f MiB, resident as used)%s",
                      rt.entry.name, rt.load_seconds, rt.config.quantization, rt.kv_tokens,
                      (kv.k.nbytes + kv.v.nbytes) / 2**20,
