@@ -69,9 +69,12 @@ def run(args) -> int:
         return 2
     import grpc
 
+    from engine.cli.remote import client_kwargs
+
     try:
         with target_address(args) as address:
-            records = asyncio.run(measure(address, args.model_name, args.rounds, args.turns, args.max_tokens))
+            records = asyncio.run(measure(address, args.model_name, args.rounds, args.turns, args.max_tokens,
+                                         client_kwargs(args)))
     except grpc.RpcError as e:  # the warm-up or a session open refused
         print(f"wafer bench sessions: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2
@@ -100,7 +103,8 @@ def _no_nan(x):
     return None if isinstance(x, float) and x != x else x
 
 
-async def measure(address: str, model: str, rounds: int, turns: int, max_tokens: int) -> dict[str, list]:
+async def measure(address: str, model: str, rounds: int, turns: int, max_tokens: int,
+                  conn: dict | None = None) -> dict[str, list]:
     """Per mode, one RequestRecord per turn (interleaved)."""
     from benches.loadgen.metrics import RequestRecord
     from benches.loadgen.runner import collect
@@ -109,7 +113,9 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
 
     kw = dict(max_tokens=max_tokens, temperature=0)
     out = {m: [] for m in MODES}
-    async with AsyncWaferClient(address, timeout=600) as reused, AsyncWaferClient(address, timeout=600) as sess_ch:
+    conn = conn or {}
+    async with AsyncWaferClient(address, timeout=600, **conn) as reused, \
+            AsyncWaferClient(address, timeout=600, **conn) as sess_ch:
         await loaded_model(reused, model, address)
         await reused.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, model=model)  # connect
         for r in range(rounds):
@@ -124,7 +130,7 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
                         msgs = history[mode] + [user]
                         rec.start_ns = time.monotonic_ns()
                         if mode == "fresh":
-                            async with AsyncWaferClient(address, timeout=600) as fresh:  # new connection
+                            async with AsyncWaferClient(address, timeout=600, **conn) as fresh:  # new connection
                                 await collect(fresh.generate(messages=msgs, model=model, **kw), rec)
                         elif mode == "reused":
                             await collect(reused.generate(messages=msgs, model=model, **kw), rec)
