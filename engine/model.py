@@ -9,6 +9,7 @@ sequences), or a mix. Logits are computed only for the rows the caller asks for.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +26,7 @@ from engine.weights import Weights, load_weights, weight_bytes
 
 log = logging.getLogger(__name__)
 
+TUNED_BATCH_MAX = 64  # steps up to this many tokens use step_threads["batch"]; longer ones all threads
 NUMERICS = ("exact", "fast")  # Model(numerics=...): see Model.__init__
 
 
@@ -102,6 +104,11 @@ class Model:
         self.numerics = numerics
         if threads:
             numba.set_num_threads(threads)
+        # Threads per step, by its size (tune_threads measures them): a decode step of a few
+        # tokens makes ~150 parallel launches whose fork/join can cost more than a second
+        # thread gains. Results do not depend on it (each row's arithmetic is fixed).
+        self.threads = numba.get_num_threads()
+        self.step_threads = {"few": self.threads, "batch": self.threads}
         t0 = time.perf_counter()
         self.path = Path(path)
         reader = gguf.GGUFReader(self.path)
@@ -155,6 +162,9 @@ class Model:
     # -- the step ----------------------------------------------------------------------------
 
     def _step(self, tokens, positions, token_seq, block_tables, logit_rows, logits):
+        T = tokens.size
+        numba.set_num_threads(self.step_threads["few"] if T <= K.GEMV_MAX_TOKENS else
+                              self.step_threads["batch"] if T <= TUNED_BATCH_MAX else self.threads)
         forward(tokens, positions, token_seq, block_tables, logit_rows, self.weights,
                 self.rope_cos, self.rope_sin, self.kv.k, self.kv.v,
                 self.dims, self.buffers, logits)
@@ -210,9 +220,10 @@ class Model:
         finally:
             self.kv.allocator.free(blocks)
 
-    def warmup(self) -> float:
+    def warmup(self, tune: bool = True) -> float:
         """Compile (or load from Numba's cache) every kernel path a server will hit: a prompt
-        long enough for the matrix path, and decode steps of 1 and 4 sequences."""
+        long enough for the matrix path, and decode steps of 1 and 4 sequences; then (tune)
+        choose the threads for decode steps by measuring them (tune_threads)."""
         t0 = time.perf_counter()
         n = K.GEMV_MAX_TOKENS + 1
         blocks = self.kv.allocator.allocate(self.kv.blocks_for(n + 1))
@@ -222,9 +233,40 @@ class Model:
             for batch in (1, min(4, self.max_batch)):
                 self.decode(np.ones(batch, np.int32), np.full(batch, n, np.int32),
                             np.repeat(table[None], batch, axis=0))
+            if tune:
+                self.tune_threads(table, n)
         finally:
             self.kv.allocator.free(blocks)
         return time.perf_counter() - t0
+
+    def tune_threads(self, table: np.ndarray, position: int, rounds: int = 3) -> dict[str, int]:
+        """For a step of one token ("few") and of min(16, max_batch) ("batch"), time 1 thread
+        against all, in alternating rounds, and keep the faster (best of each). WAFER_STEP_THREADS
+        forces a count. Logged; also in ``step_threads``."""
+        forced = os.environ.get("WAFER_STEP_THREADS", "").strip()
+        if forced:
+            n = max(1, min(int(forced), self.threads))
+            self.step_threads = {"few": n, "batch": n}
+            return self.step_threads
+        if self.threads == 1:
+            return self.step_threads
+        for kind, batch in (("few", 1), ("batch", min(16, self.max_batch))):
+            if kind == "batch" and batch <= K.GEMV_MAX_TOKENS:
+                continue
+            args = (np.ones(batch, np.int32), np.full(batch, position, np.int32),
+                    np.repeat(table[None], batch, axis=0))
+            best = {1: float("inf"), self.threads: float("inf")}
+            for r in range(2 * rounds):
+                count = (1, self.threads)[r % 2]
+                self.step_threads[kind] = count
+                for _ in range(5):
+                    t = time.perf_counter()
+                    self.decode(*args)
+                    best[count] = min(best[count], time.perf_counter() - t)
+            self.step_threads[kind] = min(best, key=best.get)
+            log.info("%s steps (%d tokens): %d thread(s) (best %.2f ms with 1, %.2f ms with %d)", kind,
+                     batch, self.step_threads[kind], best[1] * 1e3, best[self.threads] * 1e3, self.threads)
+        return self.step_threads
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a single-sequence decode step reads (embedding: one row)."""
