@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import gguf
 
+# Numeric modes of the quantized products (engine.model.Model): "exact" keeps float32
+# activations, "fast" quantizes them to int8 per 32-block for integer dot products.
+NUMERICS = ("exact", "fast")
+
 
 class UnsupportedModel(Exception):
     """A GGUF file this engine cannot run (architecture, tensor format, shape)."""

@@ -18,8 +18,9 @@ import gguf
 import numba
 import numpy as np
 
+from engine import cpu
 from engine import kernels as K
-from engine.config import ModelConfig, UnsupportedModel
+from engine.config import NUMERICS, ModelConfig, UnsupportedModel
 from engine.kv_cache import KVCache
 from engine.tokenizer import Tokenizer
 from engine.weights import Weights, load_weights, weight_bytes
@@ -27,7 +28,6 @@ from engine.weights import Weights, load_weights, weight_bytes
 log = logging.getLogger(__name__)
 
 TUNED_BATCH_MAX = 64  # steps up to this many tokens use step_threads["batch"]; longer ones all threads
-NUMERICS = ("exact", "fast")  # Model(numerics=...): see Model.__init__
 
 
 class Dims(NamedTuple):
@@ -102,6 +102,7 @@ class Model:
         if numerics not in NUMERICS:
             raise ValueError(f"numerics={numerics!r}: expected one of {', '.join(NUMERICS)}")
         self.numerics = numerics
+        self.int8_kernel = cpu.ISA if numerics == "fast" else ""  # "vnni" or "portable": same bits
         if threads:
             numba.set_num_threads(threads)
         # Threads per step, by its size (tune_threads measures them): a decode step of a few

@@ -265,7 +265,7 @@ class Lifecycle(_message.Message):
     def __init__(self, status: _Optional[str] = ..., sunset: _Optional[str] = ..., successor: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "aliases", "architecture", "parameters", "quantization", "context_length", "vocab_size", "n_layers", "d_model", "lifecycle", "emulate", "loaded", "is_default", "kv_pool_tokens")
+    __slots__ = ("name", "aliases", "architecture", "parameters", "quantization", "context_length", "vocab_size", "n_layers", "d_model", "lifecycle", "emulate", "loaded", "is_default", "kv_pool_tokens", "numerics", "int8_kernel")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +280,8 @@ class ModelInfo(_message.Message):
     LOADED_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     KV_POOL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUMERICS_FIELD_NUMBER: _ClassVar[int]
+    INT8_KERNEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     architecture: str
@@ -294,7 +296,9 @@ class ModelInfo(_message.Message):
     loaded: bool
     is_default: bool
     kv_pool_tokens: int
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., parameters: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., lifecycle: _Optional[_Union[Lifecycle, _Mapping]] = ..., emulate: _Optional[str] = ..., loaded: _Optional[bool] = ..., is_default: _Optional[bool] = ..., kv_pool_tokens: _Optional[int] = ...) -> None: ...
+    numerics: str
+    int8_kernel: str
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., parameters: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., lifecycle: _Optional[_Union[Lifecycle, _Mapping]] = ..., emulate: _Optional[str] = ..., loaded: _Optional[bool] = ..., is_default: _Optional[bool] = ..., kv_pool_tokens: _Optional[int] = ..., numerics: _Optional[str] = ..., int8_kernel: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -71,6 +71,27 @@ def test_models_and_lifecycle(client, server):
     assert [m.name for m in models.values() if m.is_default] == ["tiny"]
     assert t.kv_pool_tokens == server.runtime("tiny").kv_tokens > 0
     assert models["tiny-2020"].kv_pool_tokens == 0
+    assert (t.numerics, t.int8_kernel) == ("exact", "") and models["tiny-2020"].numerics == ""
+
+
+def test_a_model_served_in_fast_numerics_says_so_and_streams_the_local_tokens(model_path):
+    """The server's --numerics reaches the model (a registry entry's own key wins); ModelInfo
+    names the mode and the integer kernel, and the stream is the one a local fast model makes."""
+    from engine.generate import Generation
+    from engine.model import Model
+    from engine.sampling import SamplingParams
+
+    registry = Registry([ModelEntry(name="tiny", path=str(model_path)),
+                         ModelEntry(name="tiny-exact", path=str(model_path), numerics="exact")], default="tiny")
+    with ServerThread(registry, ServerOptions(port=0, metrics_port=None, numerics="fast")) as srv:
+        with WaferClient(srv.address) as c:
+            info = {m.name: m for m in c.list_models()}
+            assert info["tiny"].numerics == "fast" and info["tiny"].int8_kernel in ("vnni", "portable")
+            assert info["tiny-exact"].numerics == "exact" and info["tiny-exact"].int8_kernel == ""
+            got = [t.id for t in split(list(c.generate(token_ids=[1, 2, 3], max_tokens=8, temperature=0)))[0]]
+    local = Model(model_path, max_batch=1, numerics="fast")
+    want = [t.id for t in Generation(local, [1, 2, 3], SamplingParams(temperature=0, max_tokens=8))]
+    assert got == want
 
 
 def test_deprecated_model_served_with_trailing_metadata(client):

@@ -109,6 +109,8 @@ def test_unknown_model_lists_known(registry):
     ({"models": [{"name": "a", "path": "x", "prefill_chunk": 0}]}, "prefill_chunk=0 must be >= 1"),
     ({"models": [{"name": "a", "path": "x", "block_size": 24}]}, "block_size=24 must be a multiple of 16"),
     ({"models": [{"name": "a", "path": "x", "pace": "fast"}]}, "pace='fast' must be"),
+    ({"models": [{"name": "a", "path": "x", "numerics": "turbo"}]}, 'numerics=\'turbo\' must be "exact" or "fast"'),
+    ({"server": {"numerics": "int4"}, "models": [{"name": "a", "path": "x"}]}, "numerics='int4' must be"),
     ({"models": [{"name": 5, "path": "x"}]}, "models[0]: name=5 must be a string"),
     ({"models": [{"name": " ", "path": "x"}]}, "name=' ' must be a non-empty string"),
     ({"models": [{"name": "a", "path": "x", "aliases": "sm"}]}, "aliases='sm' must be a list"),

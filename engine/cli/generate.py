@@ -25,6 +25,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
+    p.add_argument("--numerics", choices=("exact", "fast"), default=None,
+                   help="local model: exact (float32 activations, the default) or fast (int8 activations, "
+                        "integer dot products); a server's models have theirs (ModelInfo.numerics)")
     p.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
     p.add_argument("--server", metavar="HOST:PORT", help="stream from a running `wafer serve`")
     add_connection_arguments(p)
@@ -32,6 +35,10 @@ def add_parsers(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.server and args.numerics:
+        print("wafer generate: error: --numerics applies to a local model; a server's model has its own "
+              "(wafer serve --numerics)", file=sys.stderr)
+        return 2
     return run_remote(args) if args.server else run_local(args)
 
 
@@ -54,7 +61,7 @@ def run_local(args: argparse.Namespace) -> int:
     from engine.generate import Generation, prompt_ids
     from engine.model import Model
 
-    model = Model(path, max_batch=1, threads=args.threads)
+    model = Model(path, max_batch=1, threads=args.threads, numerics=args.numerics or "exact")
     model.warmup()
     try:
         gen = Generation(model, prompt_ids(model, args.prompt, args.raw), params)

@@ -25,6 +25,10 @@ def add_parsers(sub) -> None:
                    help="with --emulate: release tokens at their simulated time (realtime, the default) "
                         "or only stamp them (none)")
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
+    p.add_argument("--numerics", choices=("exact", "fast"), default=None,
+                   help="exact: float32 activations (logits within 1e-3 of fp32); fast: int8 activations "
+                        "and integer dot products, as llama.cpp (default exact; a model's own "
+                        "`numerics` in the registry wins)")
     p.add_argument("--engine-nice", type=int, default=None,
                    help="niceness of the compute threads, so token streaming preempts them (default 5; 0 = off)")
     p.add_argument("--engine-sched-idle", action="store_true", default=None,
@@ -112,6 +116,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         emulate=pick(args.emulate, "emulate", ""),
         pace=pick(args.pace, "pace", "realtime"),
         threads=pick(args.threads, "threads", None),
+        numerics=pick(args.numerics, "numerics", "exact"),
         engine_nice=pick(args.engine_nice, "engine_nice", 5),
         engine_sched_idle=bool(pick(args.engine_sched_idle, "engine_sched_idle", False)),
         realtime_streaming=bool(pick(args.realtime_streaming, "realtime_streaming", False)),

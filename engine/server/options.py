@@ -15,6 +15,7 @@ class ServerOptions:
     emulate: str = ""                 # override every model's emulation target
     pace: str = "realtime"
     threads: int | None = None        # Numba threads
+    numerics: str = "exact"           # models that name none: "exact" | "fast" (engine.model.Model)
     engine_nice: int = 0              # niceness of the engine thread and the compute threads it starts
     engine_sched_idle: bool = False   # those threads under SCHED_IDLE instead (no privilege needed)
     realtime_streaming: bool = False  # the threads that stream tokens under SCHED_RR (needs privilege)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import NUMERICS
 from engine.fetch import known_model
 from engine.server.emulation import PACES
 
@@ -99,11 +100,12 @@ class ModelEntry:
     kv_blocks: int | None = None
     block_size: int = 16
     prefill_chunk: int = 64
+    numerics: str = ""                  # "exact" | "fast"; "" = the server's --numerics
 
     def engine_key(self) -> tuple:
         """Entries with equal keys share one loaded model and scheduler."""
         return (self.path, self.max_batch, self.max_waiting, self.kv_blocks, self.block_size,
-                self.prefill_chunk)
+                self.prefill_chunk, self.numerics)
 
     def effective_status(self, today: _dt.date | None = None) -> str:
         if self.status == DEPRECATED and self.sunset:
@@ -136,8 +138,9 @@ ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "path": (str,), "aliases": (list,), "status": (str,),
     "sunset": (str, _dt.date), "successor": (str,), "emulate": (str,), "pace": (str,),
     "max_batch": (int,), "max_waiting": (int,), "kv_blocks": (int,), "block_size": (int,),
-    "prefill_chunk": (int,),
+    "prefill_chunk": (int,), "numerics": (str,),
 }
+_NUMERICS = (lambda v: v in NUMERICS, " or ".join(f'"{n}"' for n in NUMERICS))
 _PACE = (lambda v: v in PACES, " or ".join(f'"{p}"' for p in PACES))
 ENTRY_LIMITS = {  # key -> (check, what it must be)
     "name": (lambda v: v.strip() != "", "a non-empty string"),
@@ -149,6 +152,7 @@ ENTRY_LIMITS = {  # key -> (check, what it must be)
     "kv_blocks": (lambda v: v >= 1, ">= 1"),
     "block_size": (lambda v: v >= 16 and v % 16 == 0, "a multiple of 16"),
     "prefill_chunk": (lambda v: v >= 1, ">= 1"),
+    "numerics": _NUMERICS,
 }
 _KINDS = {(str,): "a string", (int,): "an integer", (int, float): "a number", (bool,): "true or false",
           (list,): "a list", (str, _dt.date): "a date (2027-06-30)"}
@@ -157,6 +161,7 @@ SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "metrics_port": (int,), "grace_s": (int, float),
     "session_idle_timeout_s": (int, float), "emulate": (str,), "pace": (str,), "threads": (int,),
     "engine_nice": (int,), "engine_sched_idle": (bool,), "realtime_streaming": (bool,),
+    "numerics": (str,),
 }
 SERVER_LIMITS = {  # key -> (check, what it must be)
     "port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
@@ -166,6 +171,7 @@ SERVER_LIMITS = {  # key -> (check, what it must be)
     "threads": (lambda v: v >= 1, ">= 1"),
     "engine_nice": (lambda v: 0 <= v <= 19, "in [0, 19]"),
     "pace": _PACE,
+    "numerics": _NUMERICS,
 }
 TOP_LEVEL_KEYS = ("default", "server", "models")
 

@@ -94,7 +94,8 @@ class ModelRuntime:
             t0 = time.perf_counter()
             e = self.entry
             model = Model.load(resolve_model(e.path), max_batch=e.max_batch, kv_blocks=e.kv_blocks,
-                               block_size=e.block_size, threads=self.options.threads)
+                               block_size=e.block_size, threads=self.options.threads,
+                               numerics=e.numerics or self.options.numerics)
             model.warmup()
             if self.emulate:
                 from engine.server.emulation import Emulator

@@ -212,6 +212,8 @@ class WaferServicer(pb_grpc.WaferServicer):
             info.n_layers = c.n_layers
             info.d_model = c.d_model
             info.kv_pool_tokens = rt.kv_tokens
+            info.numerics = rt.model.numerics
+            info.int8_kernel = rt.model.int8_kernel
             info.loaded = True
         return info
 
