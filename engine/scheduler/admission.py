@@ -1,0 +1,188 @@
+"""Admission by predicted wait: refuse at submit a request that would wait too long in the queue.
+
+A queue bounded by count alone (``max_waiting``) lets an admitted request wait tens of seconds
+for its first token under overload (SmolLM2, 2 cores, 264 requests at once: p50 23 s). This
+module estimates, at submit and in O(1), how long a new request would wait before its prefill
+starts (its ``Usage.queue_ms``), and refuses it (:class:`Overloaded`, a :class:`QueueFull`:
+RESOURCE_EXHAUSTED) when the estimate exceeds
+
+- the model's ``max_queue_ms`` (registry key, ``wafer serve --max-queue-ms``), or
+- the call's remaining deadline: a request that cannot even start before its deadline is refused
+  at once with RESOURCE_EXHAUSTED ("overloaded, retry elsewhere or later", as vLLM's and TGI's
+  429), not left to expire with DEADLINE_EXCEEDED after occupying the queue. Only the wait for
+  others counts: on an idle engine the estimate is 0 and nothing is refused for its deadline.
+
+The estimate (seconds) is the larger of two bounds on the queue wait:
+
+- prefill: the prompt tokens still to prefill ahead of it (queued, and the rest of chunked
+  prefills), at the measured prefill rate, plus the decode steps interleaved with them (one per
+  ``prefill_chunk`` tokens while anything decodes) at the measured decode step time;
+- slots: when the running batch is full, the k-th request ahead waits for k sequences to finish;
+  sequences finish at about ``max_batch / (mean completion tokens x step time)`` per second.
+
+The rates are exponentially weighted means of the engine's own steps (prefill tokens/s from
+prefill work, decode-step and whole-step times, completion tokens of finished requests); until
+they are measured the estimate is 0 (nothing refused). Tests :meth:`WaitEstimator.force` them.
+
+Bookkeeping (running sums, so a submit reads a handful of numbers): each submit charges its
+prompt's tokens (``inbox_tokens``); when the engine applies the submit the charge becomes the
+sequence's real count of tokens to prefill (``engine_tokens``: a session turn reuses its cached
+prefix), which prefill steps, finishes and preemptions then adjust; it is reset to 0 whenever
+nothing waits or prefills, so an approximation never outlives a busy period.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+from engine.scheduler.commands import QueueFull
+
+__all__ = ["Overloaded", "WaitEstimate", "WaitEstimator"]
+
+EWMA_ALPHA = 0.2  # weight of the newest measurement
+
+
+class Overloaded(QueueFull):
+    """The estimated queue wait exceeds the model's max_queue_ms or the call's deadline
+    (RESOURCE_EXHAUSTED, as any QueueFull)."""
+
+    def __init__(self, message: str, estimate: "WaitEstimate"):
+        super().__init__(message)
+        self.estimate = estimate
+
+
+@dataclass(frozen=True)
+class WaitEstimate:
+    wait_s: float            # the estimate: max(prefill_s + interleave_s, slot_s)
+    tokens_ahead: int        # prompt tokens to prefill before this request's
+    requests_ahead: int      # submitted requests not yet scheduled
+    running: int
+    prefill_s: float
+    interleave_s: float
+    slot_s: float
+
+    @property
+    def wait_ms(self) -> float:
+        return self.wait_s * 1e3
+
+
+def _ewma(old: float, new: float) -> float:
+    return new if old == 0.0 else old + EWMA_ALPHA * (new - old)
+
+
+class WaitEstimator:
+    """Running sums and measured rates of one scheduler. ``charge``/``uncharge`` run on any
+    thread (under ``lock``); ``settle``, ``prefilled``, ``dropped``, ``requeued`` and ``observe``
+    on the engine thread."""
+
+    def __init__(self, max_batch: int, prefill_chunk: int, max_queue_ms: float | None = None):
+        self.max_batch = max_batch
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.max_queue_ms = max_queue_ms or None
+        self.lock = threading.Lock()
+        self.inbox_tokens = 0      # charges of submits the engine has not applied yet
+        self.engine_tokens = 0     # tokens left to prefill in waiting and partially prefilled sequences
+        self._charges: dict = {}   # request -> its charge, until the engine applies its submit
+        # measured (EWMA); 0 = not measured yet
+        self._pf_tokens = 0.0      # prefill tokens per step that prefilled
+        self._pf_s = 0.0           # seconds of those steps' prefill work
+        self.decode_step_s = 0.0   # one batched decode call
+        self.step_s = 0.0          # a whole step with a decode (decode + interleaved prefill)
+        self.completion_tokens = 0.0  # of a finished request
+        self.forced = False
+        self.refused = 0           # requests refused so far (a plain int, read by anyone)
+
+    # ---------------------------------------------------------------- the estimate
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self._pf_tokens / self._pf_s if self._pf_s > 0 else 0.0
+
+    @property
+    def tokens_ahead(self) -> int:
+        return max(0, self.inbox_tokens + self.engine_tokens)
+
+    def estimate(self, requests_ahead: int, running: int) -> WaitEstimate:
+        tokens = self.tokens_ahead
+        rate = self.prefill_tok_s
+        prefill_s = tokens / rate if rate > 0 else 0.0
+        busy = running > 0 or requests_ahead > 0
+        interleave_s = math.ceil(tokens / self.prefill_chunk) * self.decode_step_s if busy else 0.0
+        slots = requests_ahead + running - self.max_batch + 1  # sequences that must finish first
+        slot_s = (slots * self.completion_tokens * self.step_s / self.max_batch) if slots > 0 else 0.0
+        return WaitEstimate(max(prefill_s + interleave_s, slot_s), tokens, requests_ahead, running,
+                            prefill_s, interleave_s, slot_s)
+
+    def check(self, est: WaitEstimate, deadline_s: float | None) -> str | None:
+        """Why a request with this estimate (and ``deadline_s`` of its deadline left) is refused,
+        or None."""
+        if est.wait_s <= 0:
+            return None
+        why = (f"({est.tokens_ahead} prompt tokens ahead at {self.prefill_tok_s:.0f} tok/s, "
+               f"{est.requests_ahead} requests queued, {est.running} running); retry later")
+        if self.max_queue_ms is not None and est.wait_ms > self.max_queue_ms:
+            return (f"estimated queue wait {est.wait_ms:.0f} ms exceeds max_queue_ms="
+                    f"{self.max_queue_ms:g} {why}")
+        if deadline_s is not None and est.wait_s > deadline_s:
+            return (f"estimated queue wait {est.wait_ms:.0f} ms exceeds the call's remaining "
+                    f"deadline of {max(0.0, deadline_s) * 1e3:.0f} ms {why}")
+        return None
+
+    # ---------------------------------------------------------------- the sums
+
+    def charge(self, req, tokens: int) -> None:
+        with self.lock:
+            self._charges[req] = tokens
+            self.inbox_tokens += tokens
+
+    def uncharge(self, req) -> None:
+        """A submit that did not enter the inbox after all (queue full, shutting down)."""
+        with self.lock:
+            self.inbox_tokens -= self._charges.pop(req, 0)
+
+    def settle(self, req, to_prefill: int) -> None:
+        """The engine applied ``req``'s submit: ``to_prefill`` tokens to prefill (0: dropped)."""
+        with self.lock:
+            self.inbox_tokens -= self._charges.pop(req, 0)
+        self.engine_tokens += to_prefill
+
+    def prefilled(self, n: int) -> None:
+        self.engine_tokens = max(0, self.engine_tokens - n)
+
+    dropped = prefilled  # a sequence left with n tokens unprefilled (finished, cancelled)
+
+    def requeued(self, n: int) -> None:
+        """A preempted sequence will recompute ``n`` tokens."""
+        self.engine_tokens += n
+
+    def reset_engine(self) -> None:
+        """Nothing waits or prefills: nothing is left to prefill."""
+        self.engine_tokens = 0
+
+    # ---------------------------------------------------------------- measurements
+
+    def observe(self, decode_ns: int, prefill_tokens: int, prefill_ns: int, step_ns: int) -> None:
+        """One engine step: its decode call, its prefill work and its whole time."""
+        if self.forced:
+            return
+        if prefill_tokens > 0 and prefill_ns > 0:
+            self._pf_tokens = _ewma(self._pf_tokens, prefill_tokens)
+            self._pf_s = _ewma(self._pf_s, prefill_ns / 1e9)
+        if decode_ns > 0:
+            self.decode_step_s = _ewma(self.decode_step_s, decode_ns / 1e9)
+            self.step_s = _ewma(self.step_s, step_ns / 1e9)
+
+    def finished(self, completion_tokens: int) -> None:
+        if not self.forced:
+            self.completion_tokens = _ewma(self.completion_tokens, float(completion_tokens))
+
+    def force(self, prefill_tok_s: float, decode_step_s: float = 0.0, step_s: float | None = None,
+              completion_tokens: float = 0.0) -> None:
+        """Pin the measured rates (tests, what-if runs); measurements no longer change them."""
+        self._pf_tokens, self._pf_s = float(prefill_tok_s), 1.0
+        self.decode_step_s = decode_step_s
+        self.step_s = decode_step_s if step_s is None else step_s
+        self.completion_tokens = completion_tokens
+        self.forced = True
