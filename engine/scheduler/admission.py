@@ -15,14 +15,18 @@ RESOURCE_EXHAUSTED) when the estimate exceeds
 The estimate (seconds) is the larger of two bounds on the queue wait:
 
 - prefill: the prompt tokens still to prefill ahead of it (queued, and the rest of chunked
-  prefills), at the measured prefill rate, plus the decode steps interleaved with them (one per
-  ``prefill_chunk`` tokens while anything decodes) at the measured decode step time;
+  prefills) in the steps they need (one per ``prefill_chunk`` tokens, at least one per request
+  ahead), each step costing the measured ``a + b x tokens`` of prefill work plus, while anything
+  decodes, one decode step at the measured decode step time;
 - slots: when the running batch is full, the k-th request ahead waits for k sequences to finish;
   sequences finish at about ``max_batch / (mean completion tokens x step time)`` per second.
 
-The rates are exponentially weighted means of the engine's own steps (prefill tokens/s from
-prefill work, decode-step and whole-step times, completion tokens of finished requests); until
-they are measured the estimate is 0 (nothing refused). Tests :meth:`WaitEstimator.force` them.
+The rates come from the engine's own steps: the prefill cost ``a + b x tokens`` of a step is an
+exponentially weighted least-squares fit over recent prefill steps (a per-step overhead apart:
+a ratio of tokens to seconds would take a burst of 3-token prompts for a slow engine), the
+decode-step and whole-step times and the completion tokens of finished requests are
+exponentially weighted means. Until MIN_PREFILL_STEPS prefill steps were measured the estimate
+is 0 (nothing refused). Tests :meth:`WaitEstimator.force` them.
 
 Bookkeeping (running sums, so a submit reads a handful of numbers): each submit charges its
 prompt's tokens (``inbox_tokens``); when the engine applies the submit the charge becomes the
@@ -41,7 +45,9 @@ from engine.scheduler.commands import QueueFull
 
 __all__ = ["Overloaded", "WaitEstimate", "WaitEstimator"]
 
-EWMA_ALPHA = 0.2  # weight of the newest measurement
+EWMA_ALPHA = 0.2  # weight of the newest step time / completion length
+FIT_ALPHA = 0.05  # weight of the newest prefill step in the cost fit (~20 steps' memory)
+MIN_PREFILL_STEPS = 8  # measured prefill steps before the estimate says anything
 
 
 class Overloaded(QueueFull):
@@ -72,6 +78,38 @@ def _ewma(old: float, new: float) -> float:
     return new if old == 0.0 else old + EWMA_ALPHA * (new - old)
 
 
+class PrefillFit:
+    """``seconds = a + b x tokens`` of a step's prefill work, by exponentially weighted least
+    squares over the steps seen (decayed running sums: O(1) per step)."""
+
+    def __init__(self, alpha: float = FIT_ALPHA):
+        self.decay = 1.0 - alpha
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+        self.steps = 0
+        self.a = self.b = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self.w = d * self.w + 1.0
+        self.x = d * self.x + tokens
+        self.y = d * self.y + seconds
+        self.xx = d * self.xx + tokens * tokens
+        self.xy = d * self.xy + tokens * seconds
+        self.steps += 1
+        mx, my = self.x / self.w, self.y / self.w
+        var, cov = self.xx / self.w - mx * mx, self.xy / self.w - mx * my
+        a = b = -1.0
+        if var > 1e-6 * mx * mx and cov > 0:
+            b = cov / var
+            a = my - b * mx
+        if a < 0 or b <= 0:  # all steps alike, or noise: the plain ratio
+            a, b = 0.0, my / mx
+        self.a, self.b = a, b
+
+    def set(self, a: float, b: float) -> None:
+        self.a, self.b, self.steps = a, b, MIN_PREFILL_STEPS
+
+
 class WaitEstimator:
     """Running sums and measured rates of one scheduler. ``charge``/``uncharge`` run on any
     thread (under ``lock``); ``settle``, ``prefilled``, ``dropped``, ``requeued`` and ``observe``
@@ -85,9 +123,8 @@ class WaitEstimator:
         self.inbox_tokens = 0      # charges of submits the engine has not applied yet
         self.engine_tokens = 0     # tokens left to prefill in waiting and partially prefilled sequences
         self._charges: dict = {}   # request -> its charge, until the engine applies its submit
-        # measured (EWMA); 0 = not measured yet
-        self._pf_tokens = 0.0      # prefill tokens per step that prefilled
-        self._pf_s = 0.0           # seconds of those steps' prefill work
+        # measured; 0 = not measured yet
+        self.prefill = PrefillFit()  # a step's prefill seconds = a + b x tokens
         self.decode_step_s = 0.0   # one batched decode call
         self.step_s = 0.0          # a whole step with a decode (decode + interleaved prefill)
         self.completion_tokens = 0.0  # of a finished request
@@ -97,8 +134,13 @@ class WaitEstimator:
     # ---------------------------------------------------------------- the estimate
 
     @property
+    def calibrated(self) -> bool:
+        return self.prefill.steps >= MIN_PREFILL_STEPS and self.prefill.b > 0
+
+    @property
     def prefill_tok_s(self) -> float:
-        return self._pf_tokens / self._pf_s if self._pf_s > 0 else 0.0
+        """The marginal prefill rate (1 / b)."""
+        return 1.0 / self.prefill.b if self.prefill.b > 0 else 0.0
 
     @property
     def tokens_ahead(self) -> int:
@@ -106,10 +148,12 @@ class WaitEstimator:
 
     def estimate(self, requests_ahead: int, running: int) -> WaitEstimate:
         tokens = self.tokens_ahead
-        rate = self.prefill_tok_s
-        prefill_s = tokens / rate if rate > 0 else 0.0
+        if not self.calibrated:
+            return WaitEstimate(0.0, tokens, requests_ahead, running, 0.0, 0.0, 0.0)
+        steps = max(requests_ahead, math.ceil(tokens / self.prefill_chunk)) if tokens else 0
+        prefill_s = steps * self.prefill.a + tokens * self.prefill.b
         busy = running > 0 or requests_ahead > 0
-        interleave_s = math.ceil(tokens / self.prefill_chunk) * self.decode_step_s if busy else 0.0
+        interleave_s = steps * self.decode_step_s if busy else 0.0
         slots = requests_ahead + running - self.max_batch + 1  # sequences that must finish first
         slot_s = (slots * self.completion_tokens * self.step_s / self.max_batch) if slots > 0 else 0.0
         return WaitEstimate(max(prefill_s + interleave_s, slot_s), tokens, requests_ahead, running,
@@ -168,8 +212,7 @@ class WaitEstimator:
         if self.forced:
             return
         if prefill_tokens > 0 and prefill_ns > 0:
-            self._pf_tokens = _ewma(self._pf_tokens, prefill_tokens)
-            self._pf_s = _ewma(self._pf_s, prefill_ns / 1e9)
+            self.prefill.add(prefill_tokens, prefill_ns / 1e9)
         if decode_ns > 0:
             self.decode_step_s = _ewma(self.decode_step_s, decode_ns / 1e9)
             self.step_s = _ewma(self.step_s, step_ns / 1e9)
@@ -179,9 +222,9 @@ class WaitEstimator:
             self.completion_tokens = _ewma(self.completion_tokens, float(completion_tokens))
 
     def force(self, prefill_tok_s: float, decode_step_s: float = 0.0, step_s: float | None = None,
-              completion_tokens: float = 0.0) -> None:
+              completion_tokens: float = 0.0, prefill_step_s: float = 0.0) -> None:
         """Pin the measured rates (tests, what-if runs); measurements no longer change them."""
-        self._pf_tokens, self._pf_s = float(prefill_tok_s), 1.0
+        self.prefill.set(prefill_step_s, 1.0 / prefill_tok_s)
         self.decode_step_s = decode_step_s
         self.step_s = decode_step_s if step_s is None else step_s
         self.completion_tokens = completion_tokens
