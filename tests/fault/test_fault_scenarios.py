@@ -144,7 +144,8 @@ def test_cancel_storm_of_sessions(fault_server, baseline):
         run(main())
     ledger.add("tiny", 30)  # a, b, c of each session
     counts = assert_invariants(srv, baseline, ledger)
-    assert counts["tiny"]["finished:cancelled"] == 20
+    # a, b; and c in the sessions closed with it running (since CloseSession sends its final)
+    assert 20 <= counts["tiny"]["finished:cancelled"] <= 24
 
 
 # ------------------------------------------------------------------------- deadlines
