@@ -25,8 +25,10 @@ The rates come from the engine's own steps: the prefill cost ``a + b x tokens`` 
 exponentially weighted least-squares fit over recent prefill steps (a per-step overhead apart:
 a ratio of tokens to seconds would take a burst of 3-token prompts for a slow engine), the
 decode-step and whole-step times and the completion tokens of finished requests are
-exponentially weighted means. Until MIN_PREFILL_STEPS prefill steps were measured the estimate
-is 0 (nothing refused). Tests :meth:`WaitEstimator.force` them.
+exponentially weighted means. Until a couple of prefill steps were measured (one of them of
+BIG_STEP_TOKENS or more) the estimate is 0 (nothing refused): under a burst on a slow engine a
+step can take seconds, so the estimate must start from the first steps, not wait for many.
+Tests :meth:`WaitEstimator.force` the rates.
 
 Bookkeeping (running sums, so a submit reads a handful of numbers): each submit charges its
 prompt's tokens (``inbox_tokens``); when the engine applies the submit the charge becomes the
@@ -47,7 +49,10 @@ __all__ = ["Overloaded", "WaitEstimate", "WaitEstimator"]
 
 EWMA_ALPHA = 0.2  # weight of the newest step time / completion length
 FIT_ALPHA = 0.05  # weight of the newest prefill step in the cost fit (~20 steps' memory)
-MIN_PREFILL_STEPS = 8  # measured prefill steps before the estimate says anything
+MIN_PREFILL_STEPS = 2  # measured prefill steps before the estimate says anything, one of them
+BIG_STEP_TOKENS = 32   # at least this big (a step of a few tokens is all overhead: it would
+                       # make every token look dear); or CALIBRATED_STEPS steps of any size
+CALIBRATED_STEPS = 8
 
 
 class Overloaded(QueueFull):
@@ -86,6 +91,7 @@ class PrefillFit:
         self.decay = 1.0 - alpha
         self.w = self.x = self.y = self.xx = self.xy = 0.0
         self.steps = 0
+        self.big_steps = 0
         self.a = self.b = 0.0
 
     def add(self, tokens: int, seconds: float) -> None:
@@ -96,6 +102,7 @@ class PrefillFit:
         self.xx = d * self.xx + tokens * tokens
         self.xy = d * self.xy + tokens * seconds
         self.steps += 1
+        self.big_steps += tokens >= BIG_STEP_TOKENS
         mx, my = self.x / self.w, self.y / self.w
         var, cov = self.xx / self.w - mx * mx, self.xy / self.w - mx * my
         a = b = -1.0
@@ -106,8 +113,13 @@ class PrefillFit:
             a, b = 0.0, my / mx
         self.a, self.b = a, b
 
+    @property
+    def calibrated(self) -> bool:
+        return self.b > 0 and (self.steps >= CALIBRATED_STEPS
+                               or (self.steps >= MIN_PREFILL_STEPS and self.big_steps > 0))
+
     def set(self, a: float, b: float) -> None:
-        self.a, self.b, self.steps = a, b, MIN_PREFILL_STEPS
+        self.a, self.b, self.steps = a, b, CALIBRATED_STEPS
 
 
 class WaitEstimator:
@@ -135,7 +147,7 @@ class WaitEstimator:
 
     @property
     def calibrated(self) -> bool:
-        return self.prefill.steps >= MIN_PREFILL_STEPS and self.prefill.b > 0
+        return self.prefill.calibrated
 
     @property
     def prefill_tok_s(self) -> float:
