@@ -18,6 +18,15 @@ def path(tiny_gguf):
     return tiny_gguf("Q4_1", context_length=1024)
 
 
+@pytest.fixture(autouse=True)
+def pool_left_empty(path):
+    """The harness shares one model per file among the scheduler tests: leave its pool empty."""
+    yield
+    import scheduler_harness
+
+    model = scheduler_harness._shared.get(path)
+    assert model is None or model.kv.allocator.num_used == 0
+
 def req(n_prompt=100, n_out=4, **kw):
     return Request(list(range(1, n_prompt + 1)), greedy(n_out), **kw)
 
@@ -86,17 +95,29 @@ def test_a_full_batch_adds_the_wait_for_free_slots(path):
 
 
 def test_a_deadline_shorter_than_the_estimated_wait_is_refused_at_once(path):
-    """No max_queue_ms: the call's own deadline bounds its queue wait."""
-    sched, events = make(path)
+    """Within a generous max_queue_ms, the call's own deadline bounds its queue wait. (A model of
+    its own: on the shared one, a 500-token prefill after the other tests' work hit a
+    ZeroDivisionError inside the forward kernel, on main too: reported, not this test's subject.)"""
+    sched, events = make(path, kv_blocks=256, max_queue_ms=60_000)
     sched.admission.force(prefill_tok_s=1000.0)
     # an idle engine: nothing ahead, so even a 1 ms deadline is admitted (it may still expire)
     sched.submit(req(100, deadline_ns=time.monotonic_ns() + 1_000_000))
     now = time.monotonic_ns()
-    sched.submit(req(500, deadline_ns=now + 10 * 10**9))  # 100 ahead: 0.1 s < 10 s
-    with pytest.raises(Overloaded, match=r"estimated queue wait 600 ms exceeds the call's remaining "
-                                         r"deadline of (49\d|500) ms"):
-        sched.submit(req(10, deadline_ns=time.monotonic_ns() + 500_000_000))
-    sched.submit(req(10))  # no deadline, no max_queue_ms: admitted
+    sched.submit(req(300, deadline_ns=now + 10 * 10**9))  # 100 ahead: 0.1 s < 10 s
+    with pytest.raises(Overloaded, match=r"estimated queue wait 400 ms exceeds the call's remaining "
+                                         r"deadline of (29\d|300) ms"):
+        sched.submit(req(10, deadline_ns=time.monotonic_ns() + 300_000_000))
+    sched.submit(req(10))  # no deadline: admitted
+    run(sched)
+    assert sched.allocator.num_used == 0
+
+
+def test_without_max_queue_ms_nothing_is_refused_for_its_wait(path):
+    sched, _ = make(path)
+    sched.admission.force(prefill_tok_s=10.0)
+    for _ in range(5):
+        sched.submit(req(100, deadline_ns=time.monotonic_ns() + 1_000_000))
+    assert sched.estimated_queue_wait().wait_s > 1
     run(sched)
 
 
@@ -168,3 +189,5 @@ def test_session_turns_are_charged_what_they_prefill(path):
     assert sched.estimated_queue_wait().tokens_ahead in (10, 11)  # (+ the last reply token)
     run(sched)
     assert sched.estimated_queue_wait().tokens_ahead == 0
+    sched.close_session(s)
+    sched.apply_commands()

@@ -3,14 +3,15 @@
 A queue bounded by count alone (``max_waiting``) lets an admitted request wait tens of seconds
 for its first token under overload (SmolLM2, 2 cores, 264 requests at once: p50 23 s). This
 module estimates, at submit and in O(1), how long a new request would wait before its prefill
-starts (its ``Usage.queue_ms``), and refuses it (:class:`Overloaded`, a :class:`QueueFull`:
+starts (its ``Usage.queue_ms``). A model with ``max_queue_ms`` (registry key, ``wafer serve
+--max-queue-ms``; off by default) refuses it (:class:`Overloaded`, a :class:`QueueFull`:
 RESOURCE_EXHAUSTED) when the estimate exceeds
 
-- the model's ``max_queue_ms`` (registry key, ``wafer serve --max-queue-ms``), or
-- the call's remaining deadline: a request that cannot even start before its deadline is refused
-  at once with RESOURCE_EXHAUSTED ("overloaded, retry elsewhere or later", as vLLM's and TGI's
-  429), not left to expire with DEADLINE_EXCEEDED after occupying the queue. Only the wait for
-  others counts: on an idle engine the estimate is 0 and nothing is refused for its deadline.
+- ``max_queue_ms``, or
+- the call's remaining deadline, when shorter: a request that cannot even start before its
+  deadline is refused at once with RESOURCE_EXHAUSTED ("overloaded, retry elsewhere or later", as
+  vLLM's and TGI's 429), not left to expire with DEADLINE_EXCEEDED after occupying the queue.
+  Only the wait for others counts: on an idle engine the estimate is 0 and nothing is refused.
 
 The estimate (seconds) is the larger of two bounds on the queue wait:
 
@@ -174,7 +175,7 @@ class WaitEstimator:
     def check(self, est: WaitEstimate, deadline_s: float | None) -> str | None:
         """Why a request with this estimate (and ``deadline_s`` of its deadline left) is refused,
         or None."""
-        if est.wait_s <= 0:
+        if est.wait_s <= 0 or self.max_queue_ms is None:  # admission by predicted wait is off
             return None
         why = (f"({est.tokens_ahead} prompt tokens ahead at {self.prefill_tok_s:.0f} tok/s, "
                f"{est.requests_ahead} requests queued, {est.running} running); retry later")

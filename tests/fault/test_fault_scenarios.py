@@ -188,9 +188,9 @@ def test_deadlines_from_1ms_to_2s(fault_server, baseline):
     ledger.add("tiny", 12, maybe=sum(t < 0.02 for t in deadlines))
     allowed = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all(o.code in allowed or o.reason in OK_END for o in gens), gens
-    assert sum(o.code == grpc.StatusCode.DEADLINE_EXCEEDED for o in gens) >= 5
+    assert sum(o.code in allowed for o in gens) >= 5
     counts = assert_invariants(srv, baseline, ledger)
-    assert counts["tiny"].get("failed:DEADLINE_EXCEEDED", 0) >= 7
+    assert counts["tiny"].get("failed:DEADLINE_EXCEEDED", 0) + counts["tiny"].get("failed:RESOURCE_EXHAUSTED", 0) >= 7
 
 
 # ------------------------------------------------------------------------- overload
