@@ -185,7 +185,9 @@ def test_deadlines_from_1ms_to_2s(fault_server, baseline):
     with slow_engine(srv, "tiny", decode_s=0.003):
         outs = run(main())
     gens = outs[:10]
-    ledger.add("tiny", 12, maybe=sum(t < 0.02 for t in deadlines))
+    # a call whose deadline passes before the server reads it is never counted there: on a busy
+    # machine that happens to deadlines of tens of ms (and to the 0.3 s session before its turn)
+    ledger.add("tiny", 12, maybe=sum(t < 0.1 for t in deadlines) + 1)
     allowed = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all(o.code in allowed or o.reason in OK_END for o in gens), gens
     assert sum(o.code in allowed for o in gens) >= 5
