@@ -10,11 +10,12 @@ COMMANDS = {
                                        "(vllm bench serve's JSON keys)"),
     "sessions": ("benches.sessions", "a multi-turn chat: persistent Session vs a fresh channel or request per turn"),
     "gate": ("benches.gate", "the perf-regression gate against benches/baseline.json"),
+    "soak": ("benches.bench_soak", "a long mixed load: server RSS, fds, threads and p99 latency over time"),
 }
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: serve (load generator), sessions, gate")
+    p = sub.add_parser("bench", help="benchmarks: serve (load generator), sessions, gate, soak")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(module)

@@ -24,6 +24,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--pace", choices=("realtime", "none"), default=None,
                    help="with --emulate: release tokens at their simulated time (realtime, the default) "
                         "or only stamp them (none)")
+    p.add_argument("--max-queue-ms", type=float, default=None, metavar="MS",
+                   help="refuse (RESOURCE_EXHAUSTED) a request whose estimated queue wait exceeds MS, "
+                        "for every model (overrides the registry's max_queue_ms; 0 = no bound)")
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
     p.add_argument("--numerics", choices=("exact", "fast"), default=None,
                    help="exact: float32 activations (logits within 1e-3 of fp32); fast: int8 activations "
@@ -82,6 +85,13 @@ def serve_cmd(args: argparse.Namespace) -> int:
     except (RegistryError, OSError) as e:
         print(f"wafer serve: error: {e}", file=sys.stderr)
         return 2
+    if args.max_queue_ms is not None:
+        if not 0 <= args.max_queue_ms < float("inf"):
+            print(f"wafer serve: error: --max-queue-ms={args.max_queue_ms:g} must be >= 0 (0 = no bound)",
+                  file=sys.stderr)
+            return 2
+        for e in registry.entries:
+            e.max_queue_ms = args.max_queue_ms or None
     if not registry.served():
         print(f"wafer serve: error: every model in the registry is retired (or past its sunset): "
               f"{', '.join(registry.names())}; nothing to serve", file=sys.stderr)

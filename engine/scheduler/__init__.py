@@ -44,9 +44,11 @@ Modules, each importing only those above it:
 - ``sessions``: Session and the store of open ones; ``blocks``: KV block ownership, whom to
   preempt; ``batch``: the decode batch's rows
 - ``core``: the engine thread's model work (decode, prefill, finishing, preemption)
+- ``admission``: the estimated queue wait of a new request, refusing it beyond a bound
 - ``scheduler``: Scheduler: the step's order, the loop and its thread, commands, the front
 """
 
+from engine.scheduler.admission import Overloaded, WaitEstimate, WaitEstimator
 from engine.scheduler.commands import (Cancel, CloseSession, Command, FinishAll, QueueFull,
                                        SchedulerClosed, Submit)
 from engine.scheduler.core import ATTENTION_COST_FACTOR, SchedulerConfig
@@ -59,7 +61,7 @@ from engine.scheduler.sequence import Request, Sequence, Session
 __all__ = [
     "Scheduler", "SchedulerConfig", "Request", "Session", "Sequence",
     "TokenEvent", "DecodeStep", "iter_events", "FinishEvent", "SeqStats", "SessionExpired",
-    "QueueFull", "SchedulerClosed", "Command", "Submit", "Cancel", "CloseSession", "FinishAll",
+    "QueueFull", "Overloaded", "WaitEstimate", "WaitEstimator", "SchedulerClosed", "Command", "Submit", "Cancel", "CloseSession", "FinishAll",
     "FINISH_STOP", "FINISH_LENGTH", "FINISH_CANCELLED", "FINISH_DEADLINE", "FINISH_SHUTDOWN",
     "FINISH_ERROR", "ATTENTION_COST_FACTOR",
 ]

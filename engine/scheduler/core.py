@@ -42,6 +42,8 @@ class SchedulerConfig:
                                       # compute-bound well below 512, so bigger gains nothing)
     session_idle_timeout_s: float = 300.0
     max_sessions: int = 256
+    max_queue_ms: float | None = None  # refuse a request whose estimated queue wait exceeds it
+                                       # (engine.scheduler.admission); None = no bound
 
 
 def _default_publish(items, quiet: bool = False) -> None:

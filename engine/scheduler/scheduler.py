@@ -11,11 +11,13 @@ import time
 from typing import Any, Callable
 
 from engine.sampling import StreamPolicy
+from engine.scheduler.admission import Overloaded, WaitEstimator
 from engine.scheduler.commands import (Cancel, CloseSession, FinishAll, QueueFull,
                                        SchedulerClosed, Submit)
 from engine.scheduler.core import NO_DEADLINE, SchedulerCore
 from engine.scheduler.events import (FINISH_CANCELLED, FINISH_DEADLINE, FINISH_LENGTH,
-                                     FINISH_SHUTDOWN, FinishEvent, SeqStats, SessionExpired)
+                                     FINISH_SHUTDOWN, FINISH_STOP, FinishEvent, SeqStats,
+                                     SessionExpired)
 from engine.scheduler.sequence import Request, Sequence, Session
 from engine.scheduler.sessions import turn_tokens
 
@@ -29,13 +31,50 @@ class Scheduler(SchedulerCore):
 
     ``publish(items, quiet)`` receives the events (see the package docstring); ``on_step(batch,
     decode_ns, prefill_tokens)`` is called after every step; ``clock`` is the monotonic clock in
-    ns the engine times its work and deadlines with."""
+    ns the engine times its work and deadlines with.
+
+    ``admission`` (engine.scheduler.admission) estimates a new request's queue wait from running
+    sums and the engine's measured rates; ``submit`` refuses it (Overloaded) beyond
+    ``cfg.max_queue_ms`` or its deadline."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.admission = WaitEstimator(self.cfg.max_batch, self.cfg.prefill_chunk, self.cfg.max_queue_ms)
 
     # ---------------------------------------------------------------- thread-safe front
 
     def submit(self, req: Request) -> None:
-        """Queue a request; raise QueueFull beyond ``max_waiting``, SchedulerClosed when draining."""
-        self._inbox.submit(req, self.cfg.max_batch - len(self.running))
+        """Queue a request; raise QueueFull beyond ``max_waiting``, Overloaded (a QueueFull) when
+        its estimated queue wait exceeds ``max_queue_ms`` or its remaining deadline,
+        SchedulerClosed when draining."""
+        adm = self.admission
+        running = len(self.running)
+        est = adm.estimate(self._inbox.pending_new, running)
+        left = None if req.deadline_ns is None else (req.deadline_ns - self._now()) / 1e9
+        why = adm.check(est, left)
+        if why is not None:
+            adm.refused += 1
+            raise Overloaded(why, est)
+        adm.charge(req, self._tokens_to_prefill(req))
+        try:
+            self._inbox.submit(req, self.cfg.max_batch - running)
+        except BaseException:
+            adm.uncharge(req)
+            raise
+
+    @staticmethod
+    def _tokens_to_prefill(req: Request) -> int:
+        """About how many tokens ``req``'s prefill computes (the engine knows exactly once it
+        applies the submit: a session turn reuses its cached prefix)."""
+        n = len(req.prompt)
+        seq = req.session.seq if req.session is not None else None
+        if req.replace and seq is not None:
+            n -= seq.num_computed
+        return max(1, n)
+
+    def estimated_queue_wait(self):
+        """What a request submitted now would be estimated to wait (an admission WaitEstimate)."""
+        return self.admission.estimate(self._inbox.pending_new, len(self.running))
 
     def cancel(self, req: Request) -> None:
         self._inbox.put(Cancel(req))
@@ -161,11 +200,19 @@ class Scheduler(SchedulerCore):
         if items:
             self.publish(items)
         items = []
+        t_prefill = self._now()
         n_prefill = self._prefill(items, decoding=batch > 0)
+        t_end = self._now()
         if items:
             self.publish(items)
         if batch == 0 and n_prefill == 0 and (self.waiting or self.running):
             self._unstick()
+        adm = self.admission
+        adm.prefilled(n_prefill)
+        adm.observe(self._last_decode_ns, n_prefill, t_end - t_prefill,
+                    self._last_decode_ns + t_end - t_prefill)
+        if not self.waiting and not self._n_partial:
+            adm.reset_engine()
         self.steps += 1
         if self.on_step is not None:
             self.on_step(batch, self._last_decode_ns, n_prefill)
@@ -198,7 +245,11 @@ class Scheduler(SchedulerCore):
             cmd = inbox.pop()
             kind = type(cmd)
             if kind is Submit:
-                self._admit_request(cmd.req)
+                req = cmd.req
+                self._admit_request(req)
+                seq = req.seq
+                self.admission.settle(req, seq.n_tokens - seq.num_computed
+                                      if seq is not None and seq.req is req else 0)
             elif kind is Cancel:
                 req = cmd.req
                 if not req.done and req.seq is not None:
@@ -216,6 +267,25 @@ class Scheduler(SchedulerCore):
             self._flush()
 
     _apply_commands = apply_commands  # the name benches/bench_engine.py drives it by
+
+    # ---------------------------------------------------------------- admission's bookkeeping
+
+    def _finish(self, seq: Sequence, reason: str, items: list, error: str | None = None) -> None:
+        req = seq.req
+        live = req is not None and not req.done
+        if live and seq.prefilling:  # its unprefilled tokens leave the queue
+            self.admission.dropped(seq.n_tokens - seq.num_computed)
+        super()._finish(seq, reason, items, error)
+        if live and reason in (FINISH_STOP, FINISH_LENGTH):
+            self.admission.finished(seq.stats.completion_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        super()._preempt(seq)
+        self.admission.requeued(seq.n_tokens - seq.num_computed)
+
+    def _fail_all(self, message: str) -> None:
+        super()._fail_all(message)
+        self.admission.reset_engine()
 
     def _admit_request(self, req: Request) -> None:
         if req.done or (req.session is not None and req.session.closed):

@@ -20,6 +20,8 @@ serves smollm2-135m. Example::
     aliases = ["smollm2", "default"]
     max_batch = 64                     # engine limits (optional)
     max_waiting = 256
+    max_queue_ms = 2000                # refuse (RESOURCE_EXHAUSTED) a request whose estimated
+                                       # queue wait exceeds this (optional; default: no bound)
     emulate = "wse3:llama-3.1-8b"      # optional: stamp/pace tokens on a simulated wafer
     pace = "realtime"                  # or "none" (only stamp); default: wafer serve --pace
 
@@ -101,11 +103,12 @@ class ModelEntry:
     block_size: int = 16
     prefill_chunk: int = 64
     numerics: str = ""                  # "exact" | "fast"; "" = the server's --numerics
+    max_queue_ms: float | None = None   # admission by estimated queue wait; None = no bound
 
     def engine_key(self) -> tuple:
         """Entries with equal keys share one loaded model and scheduler."""
         return (self.path, self.max_batch, self.max_waiting, self.kv_blocks, self.block_size,
-                self.prefill_chunk, self.numerics)
+                self.prefill_chunk, self.numerics, self.max_queue_ms)
 
     def effective_status(self, today: _dt.date | None = None) -> str:
         if self.status == DEPRECATED and self.sunset:
@@ -138,7 +141,7 @@ ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "path": (str,), "aliases": (list,), "status": (str,),
     "sunset": (str, _dt.date), "successor": (str,), "emulate": (str,), "pace": (str,),
     "max_batch": (int,), "max_waiting": (int,), "kv_blocks": (int,), "block_size": (int,),
-    "prefill_chunk": (int,), "numerics": (str,),
+    "prefill_chunk": (int,), "numerics": (str,), "max_queue_ms": (int, float),
 }
 _NUMERICS = (lambda v: v in NUMERICS, " or ".join(f'"{n}"' for n in NUMERICS))
 _PACE = (lambda v: v in PACES, " or ".join(f'"{p}"' for p in PACES))
@@ -153,6 +156,7 @@ ENTRY_LIMITS = {  # key -> (check, what it must be)
     "block_size": (lambda v: v >= 16 and v % 16 == 0, "a multiple of 16"),
     "prefill_chunk": (lambda v: v >= 1, ">= 1"),
     "numerics": _NUMERICS,
+    "max_queue_ms": (lambda v: v > 0 and v < float("inf"), "> 0 (ms; leave it out for no bound)"),
 }
 _KINDS = {(str,): "a string", (int,): "an integer", (int, float): "a number", (bool,): "true or false",
           (list,): "a list", (str, _dt.date): "a date (2027-06-30)"}
