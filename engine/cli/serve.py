@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--realtime-streaming", action="store_true", default=None,
                    help="run the threads that stream tokens under SCHED_RR so they never wait for a core "
                         "behind the compute (needs CAP_SYS_NICE; cuts the p99 ITL overhead on small machines)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="turn off automatic prefix caching (reusing the KV of equal prompt prefixes "
+                        "across requests) for every model")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=serve_cmd)
@@ -89,6 +92,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         engine_nice=pick(args.engine_nice, "engine_nice", 5),
         engine_sched_idle=bool(pick(args.engine_sched_idle, "engine_sched_idle", False)),
         realtime_streaming=bool(pick(args.realtime_streaming, "realtime_streaming", False)),
+        prefix_caching=bool(pick(args.prefix_caching, "prefix_caching", True)),
     )
     if args.pace is not None and not options.emulate and not any(e.emulate for e in registry.served()):
         print("wafer serve: warning: --pace has no effect without --emulate (or a model's emulate)",

@@ -13,6 +13,7 @@ serves smollm2-135m. Example::
     engine_nice = 5                    # niceness of the compute threads
     engine_sched_idle = false          # compute threads under SCHED_IDLE instead (see README)
     realtime_streaming = false         # streaming threads under SCHED_RR (needs CAP_SYS_NICE)
+    prefix_caching = true              # false: off for every model (wafer serve --no-prefix-caching)
 
     [[models]]
     name = "smollm2-135m"
@@ -20,6 +21,7 @@ serves smollm2-135m. Example::
     aliases = ["smollm2", "default"]
     max_batch = 64                     # engine limits (optional)
     max_waiting = 256
+    prefix_caching = true              # share cached KV of equal prompt prefixes (default true)
     emulate = "wse3:llama-3.1-8b"      # optional: stamp/pace tokens on a simulated wafer
     pace = "realtime"                  # or "none" (only stamp); default: wafer serve --pace
 
@@ -99,11 +101,12 @@ class ModelEntry:
     kv_blocks: int | None = None
     block_size: int = 16
     prefill_chunk: int = 64
+    prefix_caching: bool = True         # `wafer serve --no-prefix-caching` turns it off for all
 
     def engine_key(self) -> tuple:
         """Entries with equal keys share one loaded model and scheduler."""
         return (self.path, self.max_batch, self.max_waiting, self.kv_blocks, self.block_size,
-                self.prefill_chunk)
+                self.prefill_chunk, self.prefix_caching)
 
     def effective_status(self, today: _dt.date | None = None) -> str:
         if self.status == DEPRECATED and self.sunset:
@@ -136,7 +139,7 @@ ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "path": (str,), "aliases": (list,), "status": (str,),
     "sunset": (str, _dt.date), "successor": (str,), "emulate": (str,), "pace": (str,),
     "max_batch": (int,), "max_waiting": (int,), "kv_blocks": (int,), "block_size": (int,),
-    "prefill_chunk": (int,),
+    "prefill_chunk": (int,), "prefix_caching": (bool,),
 }
 _PACE = (lambda v: v in PACES, " or ".join(f'"{p}"' for p in PACES))
 ENTRY_LIMITS = {  # key -> (check, what it must be)
@@ -157,6 +160,7 @@ SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "metrics_port": (int,), "grace_s": (int, float),
     "session_idle_timeout_s": (int, float), "emulate": (str,), "pace": (str,), "threads": (int,),
     "engine_nice": (int,), "engine_sched_idle": (bool,), "realtime_streaming": (bool,),
+    "prefix_caching": (bool,),
 }
 SERVER_LIMITS = {  # key -> (check, what it must be)
     "port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
