@@ -83,6 +83,8 @@ def run(args) -> int:
         return 2
     import grpc
 
+    from engine.cli.remote import client_kwargs
+
     if (args.uncached and not args.model) or (args.uncached_model and not args.server):
         print("wafer bench sessions: error: --uncached goes with --model, --uncached-model with --server",
               file=sys.stderr)
@@ -91,7 +93,7 @@ def run(args) -> int:
     try:
         with _uncached_registry(args) as target, target_address(target) as address:
             records = asyncio.run(measure(address, args.model_name, args.rounds, args.turns, args.max_tokens,
-                                          uncached))
+                                          client_kwargs(args), uncached))
     except grpc.RpcError as e:  # the warm-up or a session open refused
         print(f"wafer bench sessions: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2
@@ -147,7 +149,7 @@ def _uncached_registry(args):
 
 
 async def measure(address: str, model: str, rounds: int, turns: int, max_tokens: int,
-                  uncached: str = "") -> dict[str, list]:
+                  conn: dict | None = None, uncached: str = "") -> dict[str, list]:
     """Per mode, one RequestRecord per turn (interleaved); ``uncached``: the model name of the
     mode 'uncached' (none without it)."""
     from benches.loadgen.metrics import RequestRecord
@@ -158,7 +160,9 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
     kw = dict(max_tokens=max_tokens, temperature=0)
     modes = MODES + ((UNCACHED,) if uncached else ())
     out = {m: [] for m in modes}
-    async with AsyncWaferClient(address, timeout=600) as reused, AsyncWaferClient(address, timeout=600) as sess_ch:
+    conn = conn or {}
+    async with AsyncWaferClient(address, timeout=600, **conn) as reused, \
+            AsyncWaferClient(address, timeout=600, **conn) as sess_ch:
         await loaded_model(reused, model, address)
         await reused.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, model=model)  # connect
         for r in range(rounds):
@@ -173,7 +177,7 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
                         msgs = history[mode] + [user]
                         rec.start_ns = time.monotonic_ns()
                         if mode == "fresh":
-                            async with AsyncWaferClient(address, timeout=600) as fresh:  # new connection
+                            async with AsyncWaferClient(address, timeout=600, **conn) as fresh:  # new connection
                                 await collect(fresh.generate(messages=msgs, model=model, **kw), rec)
                         elif mode == "reused":
                             await collect(reused.generate(messages=msgs, model=model, **kw), rec)

@@ -76,7 +76,10 @@ class WaferServicer:
         """A persistent conversation: the server keeps the sequence's KV cache between turns, so a
         follow-up turn only prefills its new tokens. The first message must be `open`. Turns sent
         while one runs wait in order (up to 4; the next is refused with a TurnError
-        RESOURCE_EXHAUSTED); a half-close lets them finish, then ends the stream with OK.
+        RESOURCE_EXHAUSTED); a half-close lets them finish, then ends the stream with OK. Every turn
+        the server accepts gets exactly one Final or TurnError before the stream ends (CloseSession
+        included). A message that fails to parse gets a TurnError INVALID_ARGUMENT (turn_id "") and
+        is dropped; the session goes on (as the first message, it ends the call: INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

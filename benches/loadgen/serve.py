@@ -115,9 +115,10 @@ def prompts_maker(args, vocab_size: int):
 
 async def bench(args, address: str, goodput: dict) -> list[dict]:
     from benches.loadgen import report, runner
+    from engine.cli.remote import client_kwargs
     from engine.client import AsyncWaferClient
 
-    async with AsyncWaferClient(address) as client:
+    async with AsyncWaferClient(address, **client_kwargs(args)) as client:
         info = await loaded_model(client, args.model_name, address)
         make = prompts_maker(args, info.vocab_size)
         sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),

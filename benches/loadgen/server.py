@@ -47,6 +47,9 @@ def add_target_arguments(p) -> None:
                    help="with --model: the local server emulates this wafer target (e.g. wse3:llama-3.1-8b)")
     p.add_argument("--serve-args", default="", metavar="'FLAGS'",
                    help="with --model: more `wafer serve` flags, one quoted string (e.g. '--pace none')")
+    from engine.cli.remote import add_connection_arguments
+
+    add_connection_arguments(p)  # --tls-ca, --token-file ... for a secured --server
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import sys
 import threading
 
 from engine.cli.output import deprecation_warning, emit, emit_turn_summary
+from engine.cli.remote import add_connection_arguments, client_kwargs
 
 
 def add_parsers(sub) -> None:
@@ -18,6 +19,7 @@ def add_parsers(sub) -> None:
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--json", action="store_true", help="one JSON object per token, then a summary per turn")
+    add_connection_arguments(c)
     c.set_defaults(func=chat_cmd)
 
 
@@ -32,11 +34,12 @@ def chat_cmd(args: argparse.Namespace) -> int:
     kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     try:
         sampling(**kw)
-    except ValueError as e:
+        conn = client_kwargs(args)
+    except (ValueError, OSError) as e:
         print(f"wafer chat: error: {e}", file=sys.stderr)
         return 2
     try:
-        with WaferClient(args.server) as client, client.session(args.model) as s:
+        with WaferClient(args.server, **conn) as client, client.session(args.model) as s:
             if interactive:
                 print(f"session {s.session_id} with {s.model}; empty line or Ctrl-D to quit",
                       file=sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from engine.cli.output import deprecation_warning, emit, emit_summary
+from engine.cli.remote import add_connection_arguments, client_kwargs
 
 
 def add_parsers(sub) -> None:
@@ -26,6 +27,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="one JSON object per token, then a summary")
     p.add_argument("--server", metavar="HOST:PORT", help="stream from a running `wafer serve`")
+    add_connection_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -83,11 +85,12 @@ def run_remote(args: argparse.Namespace) -> int:
         kw["messages"] = [{"role": "user", "content": args.prompt}]
     try:
         request = generate_request(**kw)
-    except ValueError as e:  # a value the request's field cannot hold
+        conn = client_kwargs(args)
+    except (ValueError, OSError) as e:  # a value the request's field cannot hold; a token file
         print(f"wafer generate: error: {e}", file=sys.stderr)
         return 2
     try:
-        with WaferClient(args.server) as client:
+        with WaferClient(args.server, **conn) as client:
             for item in client.generate(request=request):
                 if isinstance(item, Token):
                     emulated = item.sim_time_us is not None

@@ -37,6 +37,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="turn off automatic prefix caching (reusing the KV of equal prompt prefixes "
                         "across requests) for every model")
+    sec = p.add_argument_group("security (default: plaintext, no token; the default host is loopback)")
+    sec.add_argument("--tls-cert", metavar="FILE", help="serve gRPC and /metrics over TLS with this PEM "
+                     "certificate chain (with --tls-key)")
+    sec.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    sec.add_argument("--tls-client-ca", metavar="FILE", help="mutual TLS: clients must present a "
+                     "certificate signed by this PEM CA")
+    sec.add_argument("--auth-token-file", metavar="FILE",
+                     help="require `authorization: Bearer <token>` on every call (health checks excepted) "
+                          "and on /metrics; one accepted token per line. Also read: "
+                          "WAFER_AUTH_TOKENS (comma-separated)")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=serve_cmd)
@@ -77,6 +87,22 @@ def serve_cmd(args: argparse.Namespace) -> int:
         return 2
     if warning := registry.default_warning():
         print(f"wafer serve: warning: {warning}", file=sys.stderr)
+    from engine.server.security import load_tokens
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("wafer serve: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.tls_client_ca and not args.tls_cert:
+        print("wafer serve: error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    try:
+        tokens = load_tokens(args.auth_token_file)
+    except (OSError, ValueError) as e:
+        print(f"wafer serve: error: {e}", file=sys.stderr)
+        return 2
+    if args.auth_token_file and not tokens:
+        print(f"wafer serve: error: {args.auth_token_file} holds no token", file=sys.stderr)
+        return 2
     conf = registry.server
     pick = lambda flag, key, default: flag if flag is not None else conf.get(key, default)  # noqa: E731
     metrics_port = pick(args.metrics_port, "metrics_port", 9400)
@@ -93,6 +119,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
         engine_sched_idle=bool(pick(args.engine_sched_idle, "engine_sched_idle", False)),
         realtime_streaming=bool(pick(args.realtime_streaming, "realtime_streaming", False)),
         prefix_caching=bool(pick(args.prefix_caching, "prefix_caching", True)),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        auth_tokens=tokens,
     )
     if args.pace is not None and not options.emulate and not any(e.emulate for e in registry.served()):
         print("wafer serve: warning: --pace has no effect without --emulate (or a model's emulate)",

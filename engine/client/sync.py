@@ -9,7 +9,8 @@ from typing import Iterator
 
 import grpc
 
-from engine.client.wire import (CHANNEL_OPTIONS, Completion, SessionError, Token, _md, _OpenTurn,
+from engine.client.connect import authorize, channel
+from engine.client.wire import (Completion, SessionError, Token, _md, _OpenTurn,
                                 _session_items, _turn_request, belongs_to_abandoned, chunk_tokens,
                                 final_completion, generate_request, tokenize_request)
 from protos import wafer_pb2 as pb
@@ -17,11 +18,16 @@ from protos import wafer_pb2_grpc as pb_grpc
 
 
 class WaferClient:
-    def __init__(self, target: str, *, timeout: float | None = None):
+    """``tls=True`` (the system's roots) or ``tls_ca`` (a PEM CA file) for TLS, ``tls_cert`` and
+    ``tls_key`` for mutual TLS, ``token`` for a server asking a bearer token (engine.client.connect)."""
+
+    def __init__(self, target: str, *, timeout: float | None = None, tls: bool = False,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 token: str | None = None):
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.WaferStub(self.channel)
+        self.channel = channel(target, aio=False, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+        self.stub = authorize(pb_grpc.WaferStub(self.channel), token)
 
     def __enter__(self):
         return self

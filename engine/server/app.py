@@ -18,16 +18,18 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from engine import scheduler as sch
 from engine.server.metrics import Metrics
 from engine.server.options import ServerOptions
+from engine.server.parse import add_wafer_service
+from engine.server.reflection import enable_reflection
 from engine.server.registry import ModelEntry, Registry
 from engine.server.runtime import ModelRuntime
+from engine.server.security import BearerAuth, server_credentials, ssl_context
 from engine.server.servicer import SERVICE_NAME, WaferServicer
 from engine.server.threads import grpc_threads, realtime_threads
-from protos import wafer_pb2, wafer_pb2_grpc
+from protos import wafer_pb2
 
 log = logging.getLogger("wafer.server")
 
@@ -87,21 +89,34 @@ class WaferServer:
     def address(self) -> str:
         return f"{self.options.host}:{self.port}"
 
+    @property
+    def tls(self) -> bool:
+        return bool(self.options.tls_cert)
+
+    def _count_unauthenticated(self, method: str) -> None:
+        if self.metrics is not None:
+            self.metrics.request_errors.labels("unknown", "UNAUTHENTICATED").inc()
+
     async def start(self) -> None:
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        wafer_pb2_grpc.add_WaferServicer_to_server(self.servicer, server)
+        o = self.options
+        if bool(o.tls_cert) != bool(o.tls_key):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+        if o.tls_client_ca and not o.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        creds = server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca) if self.tls else None
+        metrics_tls = ssl_context(o.tls_cert, o.tls_key, o.tls_client_ca) if self.tls else None
+        interceptors = [BearerAuth(o.auth_tokens, self._count_unauthenticated)] if o.auth_tokens else []
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+        # the generated handlers, with request parsing that refuses a bad message itself
+        add_wafer_service(self.servicer, server, self.servicer.refuse_unparsable)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (
-            wafer_pb2.DESCRIPTOR.services_by_name["Wafer"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(names, server)
+        enable_reflection((wafer_pb2.DESCRIPTOR.services_by_name["Wafer"].full_name,
+                           health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         where = f"{self.options.host}:{self.options.port}"
         try:
-            self.port = server.add_insecure_port(where)
+            self.port = server.add_secure_port(where, creds) if creds else server.add_insecure_port(where)
         except RuntimeError as e:  # grpcio raises this when the address is taken
             raise OSError(f"cannot bind the gRPC port {where} (in use?): {e}") from None
         if self.port == 0:
@@ -110,14 +125,21 @@ class WaferServer:
         self.grpc_server = server
         if self.metrics is not None:
             try:
-                self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host)
+                self.metrics_port = self.metrics.serve(self.options.metrics_port, self.options.host,
+                                                       metrics_tls, o.auth_tokens)
             except OSError as e:
                 await server.stop(0)
                 raise OSError(f"cannot bind the metrics port {self.options.host}:{self.options.metrics_port}: "
                               f"{e.strerror or e}") from None
-        log.info("listening on %s (metrics %s); loading %d model(s)", self.address,
-                 f"http://{self.options.host}:{self.metrics_port}/metrics" if self.metrics else "off",
+        scheme = "https" if self.tls else "http"
+        log.info("listening on %s (%s%s; metrics %s); loading %d model(s)", self.address,
+                 ("mutual TLS" if o.tls_client_ca else "TLS") if self.tls else "plaintext",
+                 ", bearer token required" if o.auth_tokens else "",
+                 f"{scheme}://{self.options.host}:{self.metrics_port}/metrics" if self.metrics else "off",
                  len(self.runtimes))
+        if not is_loopback(o.host) and not (self.tls or o.auth_tokens):
+            log.warning("listening on %s without TLS or a bearer token: anyone who reaches the port "
+                        "can use it (see wafer serve --tls-cert, --auth-token-file)", o.host)
         for rt in self.runtimes.values():
             rt.start()
         if self.options.realtime_streaming:
@@ -146,8 +168,15 @@ class WaferServer:
         for svc in ("", SERVICE_NAME):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         for rt in self.runtimes.values():
-            log.info("model %s ready in %.1f s (%s)%s", rt.entry.name, rt.load_seconds,
-                     rt.config.quantization,
+            kv = rt.model.kv
+            # the pool is reserved, not resident: its pages become resident as blocks are first
+            # used (low block ids first, freed ones reused), so RSS grows with the most KV ever
+            # held at once and stays there, up to this size (the registry's kv_blocks bounds it).
+            # NumPy asks for transparent huge pages on large arrays, so it grows in steps: a 2 MiB
+            # page per layer of K and of V (SmolLM2-135M: ~120 MiB per ~170 blocks of high water)
+            log.info("model %s ready in %.1f s (%s; KV pool %d tokens, %.0f MiB, resident as used)%s",
+                     rt.entry.name, rt.load_seconds, rt.config.quantization, rt.kv_tokens,
+                     (kv.k.nbytes + kv.v.nbytes) / 2**20,
                      f", emulating {rt.emulate} on {rt.emulator.clock.n_wafers} wafer(s) with KV for "
                      f"{rt.emulator.clock.max_sequences} x {rt.emulator.clock.context} tokens, pace={rt.pace}"
                      if rt.emulator else "")
@@ -204,6 +233,17 @@ class WaferServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def serve(registry: Registry, options: ServerOptions, ready_file: str | None = None) -> int:

@@ -1,14 +1,25 @@
 """Prometheus metrics, vLLM-style names with a ``wafer_`` prefix, served on their own port.
 
 Each server owns a private ``CollectorRegistry`` (several servers can live in one process, as in
-the tests). Histogram buckets follow vLLM's for latencies in seconds.
+the tests). Histogram buckets follow vLLM's for latencies in seconds. The endpoint can be HTTPS
+(``tls``: an ssl.SSLContext, handshakes on the request's thread, so a client that never sends one
+holds no one else up) and ask for a bearer token (``tokens``: engine.server.security).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
+import socket
+import ssl
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               make_wsgi_app)
+from prometheus_client.exposition import ThreadingWSGIServer
+
+log = logging.getLogger(__name__)
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -39,9 +50,33 @@ class StepRecorder:
             self._step_time.observe(decode_ns / 1e9)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - no line per scrape
+        pass
+
+
+class _MetricsHTTPServer(ThreadingWSGIServer):
+    """prometheus_client's threading WSGI server; with ``ssl_context``, each connection's TLS
+    handshake runs on its own thread (with a timeout), not in the accept loop."""
+
+    ssl_context: ssl.SSLContext | None = None
+    HANDSHAKE_TIMEOUT_S = 10.0
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(self.HANDSHAKE_TIMEOUT_S)
+        with self.ssl_context.wrap_socket(request, server_side=True) as tls:
+            super().finish_request(tls, client_address)
+
+    def handle_error(self, request, client_address):  # a failed handshake, a client gone
+        log.debug("metrics endpoint: request from %s failed", client_address, exc_info=True)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
         L = ["model_name"]
         self.ttft = Histogram("wafer_time_to_first_token_seconds",
                               "Time from request arrival to its first token sent.", L,
@@ -113,9 +148,21 @@ class Metrics:
         """A Scheduler ``on_step`` hook recording batch size and step time."""
         return StepRecorder(self.batch_size.labels(model_name), self.step_time.labels(model_name))
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Start the /metrics HTTP endpoint; return the bound port (``port=0`` picks one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None,
+              tokens: tuple[bytes, ...] = ()) -> int:
+        """Start the /metrics HTTP(S) endpoint; return the bound port (``port=0`` picks one)."""
+        from engine.server.security import metrics_app
+
+        app = make_wsgi_app(self.registry)
+        if tokens:
+            app = metrics_app(app, tokens)
+
+        class Server(_MetricsHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            ssl_context = tls
+
+        server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="wafer-metrics", daemon=True).start()
         self._http = server
         return server.server_port
 

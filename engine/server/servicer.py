@@ -18,6 +18,7 @@ import grpc
 
 from engine import scheduler as sch
 from engine.server import registry as reg
+from engine.server.parse import RateLimitedLog, Unparsable
 from engine.server.session_call import SessionCall
 from engine.server.stream import ERROR_FINISH, StreamState
 from engine.server.validate import (Invalid, check_id, check_room, check_tokenizable, coalesce_of,
@@ -45,6 +46,7 @@ class WaferServicer(pb_grpc.WaferServicer):
         self.server = server  # engine.server.app.WaferServer: registry, runtimes, metrics, draining
         self.active_streams = 0
         self._call_ids = itertools.count(1)  # names the calls that bring no request_id, in logs
+        self.warn_unparsable = RateLimitedLog(log)
 
     # ---------------------------------------------------------------- helpers
 
@@ -78,6 +80,18 @@ class WaferServicer(pb_grpc.WaferServicer):
                 raise
             # the call ended meanwhile (its deadline): nothing to send, and no traceback in the
             # log for it (gRPC logs one at ERROR when a handler lets this escape)
+
+    async def refuse_unparsable(self, request: Unparsable, context) -> None:
+        """A unary request whose bytes did not parse (engine.server.parse): INVALID_ARGUMENT
+        naming the message, one WARNING line at most a minute, counted under model "unknown"
+        (its model field could not be read)."""
+        self.note_unparsable(request, context)
+        if self.server.metrics is not None:
+            self.server.metrics.request_errors.labels("unknown", "INVALID_ARGUMENT").inc()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+    def note_unparsable(self, request: Unparsable, context) -> None:
+        self.warn_unparsable("refused a request from %s: %s", context.peer(), request.message)
 
     def count_abandoned(self, context, model_name: str) -> None:
         """A request whose call ended before its final (gRPC's own deadline, a cancel, a

@@ -2,21 +2,25 @@
 
 The call reads two sources through one queue: the client's SessionRequests (``open``, then
 ``turn`` / ``cancel`` / ``close``) and the engine's events for the running turn. One turn runs at
-a time; turns sent meanwhile wait in order (up to MAX_QUEUED_TURNS). A refused turn is a TurnError
-and the session goes on; the session ends on ``close``, half-close (after the queued turns), idle
-expiry, shutdown, or the call's deadline (the turn's final, then DEADLINE_EXCEEDED).
+a time; turns sent meanwhile wait in order (up to MAX_QUEUED_TURNS). A refused turn, a misplaced
+message or one that failed to parse is a TurnError and the session goes on; the session ends on
+``close`` (the running turn's final, then the queued turns' finals, all "cancelled", then
+``closed``), half-close (after the queued turns), idle expiry, shutdown, or the call's deadline
+(the turn's final, then DEADLINE_EXCEEDED). Every turn accepted gets one Final or TurnError.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from typing import AsyncIterator
 
 import grpc
 
 from engine import scheduler as sch
+from engine.server.parse import Unparsable
 from engine.server.stream import ERROR_FINISH, StreamState
 from engine.server.validate import (Invalid, check_id, check_room, coalesce_of, idle_timeout_of, invalid,
                                     prompt_ids_off_loop, sampling_params)
@@ -25,6 +29,8 @@ from protos import wafer_pb2 as pb
 MAX_QUEUED_TURNS = 4  # session turns sent while one runs wait in order, up to this many
 
 CLIENT = object()  # the source of client messages in the call's queue (engine events carry their request)
+
+log = logging.getLogger(__name__)
 
 
 class SessionCall:
@@ -45,6 +51,8 @@ class SessionCall:
         self.raw_history = False  # a text or token_ids turn was taken: no chat rendering from then on
         self.pending: collections.deque = collections.deque()  # turns waiting for the running one
         self.client_done = False  # the client half-closed: end once the turns are done
+        self.closing = False  # the client sent `close`: finals for the running and queued turns, then `closed`
+        self.last_turn_id = ""  # of the last Turn message read: what `closed` names
         self.ended = False  # the call's response stream is over
         # the running turn: open until its final (or error) has been sent
         self.turn_req: sch.Request | None = None
@@ -66,12 +74,19 @@ class SessionCall:
                 return
             yield opened
             while True:
+                if self.closing and not self.busy:  # the running turn's final was sent
+                    for t in self.pending:
+                        yield self._cancelled_queued(t.turn_id)
+                    self.pending.clear()
+                    yield pb.SessionResponse(turn_id=self.last_turn_id,
+                                             closed=pb.SessionClosed(reason="client"))
+                    return
                 # start queued turns while idle (a refused one reports its error; try the next)
-                while self.pending and not self.busy:
+                while self.pending and not self.busy and not self.closing:
                     refused = await self._start_turn(self.pending.popleft())
                     if refused is not None:
                         yield refused
-                if self.client_done and not self.busy:
+                if self.client_done and not self.busy and not self.closing:
                     return
                 src, item = await self.queue.get()
                 handler = self._on_client(item) if src is CLIENT else self._on_engine(src, item)
@@ -85,11 +100,16 @@ class SessionCall:
             self._cleanup()
 
     async def _read_client(self) -> None:
+        """Client messages into the queue (an Unparsable for one that failed to parse), then
+        None (half-close), or the exception that ended reading."""
         try:
             async for msg in self.requests:
                 self.queue.put_nowait((CLIENT, msg))
-        except Exception:  # cancelled / broken stream
-            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported by the session, not taken for a half-close
+            self.queue.put_nowait((CLIENT, e))
+            return
         self.queue.put_nowait((CLIENT, None))
 
     def _cleanup(self) -> None:
@@ -109,6 +129,12 @@ class SessionCall:
         if first is None:
             return None
         sv = self.servicer
+        if isinstance(first, Exception):
+            await self._read_failed(first)
+            return None
+        if type(first) is Unparsable:
+            await sv.refuse_unparsable(first, self.context)
+            return None
         if first.WhichOneof("kind") != "open":
             await sv.abort(self.context, invalid("the first SessionRequest must be `open`"))
             return None
@@ -186,17 +212,38 @@ class SessionCall:
 
     # ---------------------------------------------------------------- client messages
 
+    async def _read_failed(self, e: Exception) -> None:
+        """Reading the client's stream raised (not a half-close): end the call with a status."""
+        log.warning("session %s: reading the client's messages failed: %r",
+                    self.session.session_id if self.session else "(not open)", e)
+        self.ended = True
+        await self.servicer.abort(self.context, Invalid(grpc.StatusCode.INTERNAL,
+                                                        f"reading the session's requests failed: {e!r}"),
+                                  self.entry.name if self.entry else "", self.md)
+
     async def _on_client(self, msg) -> AsyncIterator[pb.SessionResponse]:
+        if self.closing:  # after `close`, nothing the client sends matters
+            return
         if msg is None:  # half-close: finish the running and queued turns, then end
             self.client_done = True
             return
+        if isinstance(msg, Exception):
+            await self._read_failed(msg)
+            return
+        if type(msg) is Unparsable:  # its turn_id (if a turn) cannot be read: reply with ""
+            self.servicer.note_unparsable(msg, self.context)
+            yield self._turn_error("", "INVALID_ARGUMENT", f"{msg.message}; the message was dropped, "
+                                                           f"the session goes on")
+            return
         kind = msg.WhichOneof("kind")
+        if kind == "turn":
+            self.last_turn_id = msg.turn.turn_id
         if kind == "close":
-            if self.turn_req is not None and not self.turn_req.done:
+            # the running turn ends with its final ("cancelled" unless it finished meanwhile),
+            # then the queued turns' finals and `closed` (run's loop, once it is not busy)
+            self.closing = True
+            if self.busy and not self.turn_req.done:
                 self.rt.scheduler.cancel(self.turn_req)
-            self.pending.clear()
-            self.ended = True
-            yield pb.SessionResponse(turn_id=self.turn_id, closed=pb.SessionClosed(reason="client"))
         elif kind == "cancel":
             async for resp in self._cancel(msg.cancel.turn_id):
                 yield resp
@@ -222,13 +269,17 @@ class SessionCall:
         queued = [t for t in self.pending if t.turn_id == tid] if tid else []
         if queued:
             self.pending.remove(queued[0])
-            metrics = self.servicer.server.metrics
-            if metrics is not None:
-                metrics.request_success.labels(self.entry.name, sch.FINISH_CANCELLED).inc()
-            yield pb.SessionResponse(turn_id=tid, final=pb.Final(
-                finish_reason=sch.FINISH_CANCELLED, usage=pb.Usage()))
+            yield self._cancelled_queued(tid)
         elif self.busy and not self.turn_req.done and (not tid or tid == self.turn_id):
             self.rt.scheduler.cancel(self.turn_req)
+
+    def _cancelled_queued(self, tid: str) -> pb.SessionResponse:
+        """The final of a turn cancelled before it started: usage all 0."""
+        metrics = self.servicer.server.metrics
+        if metrics is not None:
+            metrics.request_success.labels(self.entry.name, sch.FINISH_CANCELLED).inc()
+        return pb.SessionResponse(turn_id=tid, final=pb.Final(finish_reason=sch.FINISH_CANCELLED,
+                                                              usage=pb.Usage()))
 
     # ---------------------------------------------------------------- engine events
 
@@ -236,7 +287,7 @@ class SessionCall:
         state = self.state
         if isinstance(ev, sch.SessionExpired):
             self.ended = True
-            yield pb.SessionResponse(turn_id=self.turn_id, closed=pb.SessionClosed(reason=ev.reason))
+            yield pb.SessionResponse(turn_id=self.last_turn_id, closed=pb.SessionClosed(reason=ev.reason))
             return
         if req is not self.turn_req or state is None:
             return  # a late event of a cancelled earlier turn
@@ -282,4 +333,4 @@ class SessionCall:
                                      trailing_metadata=self.md)
         elif ev.reason == sch.FINISH_SHUTDOWN:
             self.ended = True
-            yield pb.SessionResponse(turn_id=tid, closed=pb.SessionClosed(reason="shutdown"))
+            yield pb.SessionResponse(turn_id=self.last_turn_id, closed=pb.SessionClosed(reason="shutdown"))
