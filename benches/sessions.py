@@ -3,12 +3,16 @@ sessions ("overhead per client/server round trip -80%, per-token overhead -30%, 
 token -50%", published for a persistent WebSocket connection):
 
     fresh    a new channel (connection) per turn, the whole conversation sent each turn
-    reused   one channel for every turn, the whole conversation sent each turn (prefix caching,
-             once Generate has it, would cut its prefill)
+    reused   one channel for every turn, the whole conversation sent each turn (the server's
+             prefix cache finds the previous turn's KV: only the new tokens are prefilled)
     session  one Session stream, only the new user message sent; the server keeps the KV cache
+    uncached (with --uncached) as reused, to the same model served without prefix caching:
+             every turn prefills the whole conversation
 
     wafer bench sessions --model smollm2-135m                 # a local server
+    wafer bench sessions --model smollm2-135m --uncached      # + the model without prefix caching
     wafer bench sessions --server 127.0.0.1:50051 --rounds 3 --json
+    wafer bench sessions --server HOST:PORT --uncached-model NAME   # NAME: prefix_caching = false
 
 The modes are interleaved turn by turn (the order rotates every turn), never run one after the
 other, so a machine getting busier hurts all three alike. Greedy, max 24 tokens per answer, one
@@ -19,7 +23,8 @@ Per turn, from the client's receive times r_i and the engine time s_i each token
   TTFT                 r_0 - request sent (for fresh: connection set-up included)
   round-trip overhead  client e2e - sum(s_i): everything but the engine's compute
   per-token overhead   (r_i - r_{i-1}) - s_i for i >= 1
-Ratios are session/fresh and reused/fresh of the medians, measured in the same run.
+Ratios are session/fresh and reused/fresh of the medians, measured in the same run, and
+reused/session (the prefix cache's goal: a stateless client's TTFT near the session's).
 
 Why a subcommand rather than a pytest-benchmark module: what is measured are latencies inside
 streams against any server (local or remote), not a function's run time, and users want it from
@@ -29,9 +34,11 @@ the same `wafer bench` they run serve from; it reports and never asserts, like t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 
 from benches.loadgen.server import add_target_arguments, target_address
 
@@ -48,6 +55,7 @@ CONVERSATION = [
     "Summarize what the final script does in one sentence.",
 ]
 MODES = ("fresh", "reused", "session")
+UNCACHED = "uncached"
 PUBLISHED = {"ttft": 0.5, "roundtrip_overhead": 0.2, "token_overhead": 0.7}  # persistent WebSocket
 
 
@@ -58,6 +66,12 @@ def add_arguments(p) -> None:
     p.add_argument("--turns", type=int, default=len(CONVERSATION),
                    help=f"user turns per conversation, at most {len(CONVERSATION)} (default all)")
     p.add_argument("--max-tokens", type=int, default=24, help="per answer (default 24)")
+    p.add_argument("--uncached", action="store_true",
+                   help="with --model: add the mode 'uncached' (the same model served without prefix "
+                        "caching, under the name MODEL-uncached)")
+    p.add_argument("--uncached-model", metavar="NAME",
+                   help="with --server: add the mode 'uncached' sending to NAME (a model the server "
+                        "serves with prefix_caching = false)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--save-result", metavar="FILE.json", help="also write the result JSON")
 
@@ -71,10 +85,15 @@ def run(args) -> int:
 
     from engine.cli.remote import client_kwargs
 
+    if (args.uncached and not args.model) or (args.uncached_model and not args.server):
+        print("wafer bench sessions: error: --uncached goes with --model, --uncached-model with --server",
+              file=sys.stderr)
+        return 2
+    uncached = args.uncached_model or (f"{args.model_name or 'bench'}-uncached" if args.uncached else "")
     try:
-        with target_address(args) as address:
+        with _uncached_registry(args) as target, target_address(target) as address:
             records = asyncio.run(measure(address, args.model_name, args.rounds, args.turns, args.max_tokens,
-                                         client_kwargs(args)))
+                                          client_kwargs(args), uncached))
     except grpc.RpcError as e:  # the warm-up or a session open refused
         print(f"wafer bench sessions: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2
@@ -103,29 +122,57 @@ def _no_nan(x):
     return None if isinstance(x, float) and x != x else x
 
 
+@contextlib.contextmanager
+def _uncached_registry(args):
+    """With --uncached: a local server given a registry of the model twice, the second (its own
+    engine) without prefix caching; else the arguments as they are."""
+    if not args.uncached:
+        yield args
+        return
+    import argparse
+    import shlex
+    import tempfile
+
+    name = args.model_name or "bench"
+    path = args.model
+    with tempfile.TemporaryDirectory(prefix="wafer-bench-sessions-") as tmp:
+        toml = Path(tmp) / "registry.toml"
+        toml.write_text(f'default = "{name}"\n'
+                        f'[[models]]\nname = "{name}"\npath = {json.dumps(path)}\n'
+                        f'[[models]]\nname = "{name}-uncached"\npath = {json.dumps(path)}\n'
+                        f'prefix_caching = false\n')
+        # `wafer serve --config` (the bench's --model would serve only the one model)
+        ns = argparse.Namespace(**vars(args))
+        ns.serve_args = f"--config {shlex.quote(str(toml))} {args.serve_args}"
+        ns.model = ""  # empty: serve reads the registry
+        yield ns
+
+
 async def measure(address: str, model: str, rounds: int, turns: int, max_tokens: int,
-                  conn: dict | None = None) -> dict[str, list]:
-    """Per mode, one RequestRecord per turn (interleaved)."""
+                  conn: dict | None = None, uncached: str = "") -> dict[str, list]:
+    """Per mode, one RequestRecord per turn (interleaved); ``uncached``: the model name of the
+    mode 'uncached' (none without it)."""
     from benches.loadgen.metrics import RequestRecord
     from benches.loadgen.runner import collect
     from benches.loadgen.serve import loaded_model
     from engine.client import AsyncWaferClient
 
     kw = dict(max_tokens=max_tokens, temperature=0)
-    out = {m: [] for m in MODES}
+    modes = MODES + ((UNCACHED,) if uncached else ())
+    out = {m: [] for m in modes}
     conn = conn or {}
     async with AsyncWaferClient(address, timeout=600, **conn) as reused, \
             AsyncWaferClient(address, timeout=600, **conn) as sess_ch:
         await loaded_model(reused, model, address)
         await reused.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, model=model)  # connect
         for r in range(rounds):
-            history = {m: [] for m in MODES}
+            history = {m: [] for m in modes}
             session = await sess_ch.session(model)
             try:
                 for t in range(turns):
                     user = {"role": "user", "content": CONVERSATION[t]}
-                    k = (t + r) % len(MODES)
-                    for mode in MODES[k:] + MODES[:k]:  # rotate who goes first
+                    k = (t + r) % len(modes)
+                    for mode in modes[k:] + modes[:k]:  # rotate who goes first
                         rec = RequestRecord(t)
                         msgs = history[mode] + [user]
                         rec.start_ns = time.monotonic_ns()
@@ -134,6 +181,8 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
                                 await collect(fresh.generate(messages=msgs, model=model, **kw), rec)
                         elif mode == "reused":
                             await collect(reused.generate(messages=msgs, model=model, **kw), rec)
+                        elif mode == UNCACHED:
+                            await collect(reused.generate(messages=msgs, model=uncached, **kw), rec)
                         else:
                             await collect(session.turn(messages=[user], **kw), rec)
                         history[mode] = msgs + [{"role": "assistant", "content": rec.generated_text}]
@@ -181,9 +230,11 @@ def summarize(records: dict[str, list]) -> dict:
     keys = {"ttft": "ttft_p50_ms", "roundtrip_overhead": "roundtrip_overhead_p50_ms",
             "token_overhead": "token_overhead_p50_ms"}
     ratio = lambda a, b: a / b if b > 0 else float("nan")  # noqa: E731  (an overhead can be <= 0)
-    ratios = {f"{m}/fresh": {k: ratio(modes[m][v], modes["fresh"][v]) for k, v in keys.items()}
-              for m in ("session", "reused")}
-    same = sum(a == b == c for a, b, c in zip(*(modes[m]["texts"] for m in MODES)))
+    pairs = [("session", "fresh"), ("reused", "fresh"), ("reused", "session")]
+    if UNCACHED in modes:
+        pairs += [(UNCACHED, "session"), ("reused", UNCACHED)]
+    ratios = {f"{a}/{b}": {k: ratio(modes[a][v], modes[b][v]) for k, v in keys.items()} for a, b in pairs}
+    same = sum(len(set(t)) == 1 for t in zip(*(modes[m]["texts"] for m in modes)))
     return {"modes": modes, "ratios": ratios, "published": PUBLISHED, "same_answers": same}
 
 
@@ -202,7 +253,7 @@ def print_table(r: dict, f) -> None:
     print(f"\n{'ratio of medians':<18}{'TTFT':>8}{'round-trip ovh':>16}{'per-token ovh':>15}", file=f)
     for name, x in list(r["ratios"].items()) + [("published", r["published"])]:
         print(f"{name:<18}{x['ttft']:>7.2f}x{x['roundtrip_overhead']:>15.2f}x{x['token_overhead']:>14.2f}x", file=f)
-    print(f"(published: persistent WebSocket vs fresh requests; answers identical in all three modes: "
+    print(f"(published: persistent WebSocket vs fresh requests; answers identical in all {len(r['modes'])} modes: "
           f"{r['same_answers']}/{r['turns'] * r['rounds']} turns)", file=f)
     for mode, m in r["modes"].items():
         for e in m["errors"]:

@@ -59,6 +59,9 @@ def add_parsers(subparsers, load_gguf_shape: Callable[[str], ModelShape] | None 
     sp.add_argument("--prompt", type=int, default=512)
     sp.add_argument("--output", type=int, default=256)
     sp.add_argument("--sequences", type=int, default=1, help="sequences in flight (KV reserved for each)")
+    sp.add_argument("--cached-tokens", type=int, default=0, metavar="N",
+                    help="prompt tokens whose KV is already on the wafer (a prefix cache's hit): "
+                         "TTFT streams only the rest (default 0; at most --prompt - 1)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_guard(cmd_run))
 
@@ -204,10 +207,13 @@ def cmd_run(args) -> int:
     from sim.timing import TimingModel, summarize
 
     _check(args, "prompt", "output", "sequences")
+    if not 0 <= args.cached_tokens < args.prompt:
+        raise CliError(f"--cached-tokens={args.cached_tokens} must be in [0, --prompt - 1 = {args.prompt - 1}] "
+                       f"(the last prompt token is always computed)")
     shape = _shape(args)
     context = _context(args, shape, args.prompt + args.output, f"--prompt {args.prompt} + --output {args.output}")
     p = _plan(args, shape, context, args.sequences, "--sequences")
-    s = summarize(TimingModel(p), args.prompt, args.output, args.sequences)
+    s = summarize(TimingModel(p), args.prompt, args.output, args.sequences, args.cached_tokens)
     s["kv_reserved"] = _kv_reserved(p)
     if args.json:
         print(json.dumps(s, indent=2))
@@ -225,7 +231,8 @@ def cmd_run(args) -> int:
     slowest = max(s["regions"], key=lambda r: r["cycles"])
     print(f"pipeline tokens/s   {s['pipeline_tokens_per_s']:,.0f}  (ceiling {s['max_pipeline_tokens_per_s']:,.0f} "
           f"when the slowest region, {slowest['stage']} at {s['slowest_region_us']:.1f} us, never idles)")
-    print(f"TTFT                {s['ttft_us'] / 1000:.2f} ms for {s['prompt']} prompt tokens")
+    cached = f" ({s['cached_tokens']} cached)" if s["cached_tokens"] else ""
+    print(f"TTFT                {s['ttft_us'] / 1000:.2f} ms for {s['prompt']} prompt tokens{cached}")
     return 0
 
 

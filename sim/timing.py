@@ -243,10 +243,11 @@ class TimingModel:
         return first + np.concatenate(([0], np.cumsum(gaps)))
 
 
-def summarize(tm: TimingModel, prompt: int, output: int, sequences: int = 1) -> dict:
-    """What `wafer sim run` reports: latency breakdown, tok/s per user, pipeline throughput, TTFT."""
+def summarize(tm: TimingModel, prompt: int, output: int, sequences: int = 1, cached: int = 0) -> dict:
+    """What `wafer sim run` reports: latency breakdown, tok/s per user, pipeline throughput, TTFT
+    (of a prompt whose first `cached` tokens already have KV: a prefix cache's hit)."""
     hw = tm.hw
-    dep = tm.departure_cycles(prompt, output, 0, sequences)
+    dep = tm.departure_cycles(prompt, output, cached, sequences)
     ttft = int(dep[0])
     decode_span = int(dep[-1] - dep[0]) if output > 1 else 0
     mean_itl = decode_span / (output - 1) if output > 1 else float(tm.itl_cycles(prompt + 1, sequences))
@@ -258,6 +259,7 @@ def summarize(tm: TimingModel, prompt: int, output: int, sequences: int = 1) -> 
         "hardware": hw.name,
         "wafers": tm.plan.n_wafers,
         "prompt": prompt,
+        "cached_tokens": min(max(cached, 0), prompt - 1),
         "output": output,
         "sequences": sequences,
         "token_latency_us": hw.cycles_to_us(tm.token_cycles(t_mid)),

@@ -18,6 +18,7 @@ def make(path, kv_blocks=None, clock=None, **cfg):
             _shared[path] = Model.load(path, max_batch=16, block_size=16)
         model = _shared[path]
         assert model.kv.allocator.num_used == 0
+        model.kv.allocator.clear_cache()  # no prefix cached by an earlier test
     else:
         model = Model.load(path, max_batch=16, kv_blocks=kv_blocks, block_size=16)
     events = []

@@ -39,6 +39,25 @@ def test_run_json(capsys):
     assert d["pipeline_tokens_per_s"] == pytest.approx(2 * d["tokens_per_s_per_user"])
 
 
+def test_run_cached_tokens_cut_only_the_ttft(capsys):
+    """A prefix cache's hit: the cached prompt tokens are not streamed again; decode is as before."""
+    base = ["run", "--model", "llama-3.1-8b", "--prompt", "2048", "--output", "16", "--json"]
+    full = json.loads(run(base, capsys)[1])
+    code, out, _ = run(base + ["--cached-tokens", "2000"], capsys)
+    hit = json.loads(out)
+    assert code == 0 and full["cached_tokens"] == 0 and hit["cached_tokens"] == 2000
+    assert hit["ttft_us"] < full["ttft_us"] / 10
+    assert hit["mean_itl_us"] == pytest.approx(full["mean_itl_us"])
+    from sim.clock import WaferClock
+    clock = WaferClock.from_spec("wse3:llama-3.1-8b")
+    assert (clock.ttft_us(2048, cached_tokens=2000) < clock.ttft_us(2048, cached_tokens=1000)
+            < clock.ttft_us(2048))
+    code, out, _ = run(base[:-1] + ["--cached-tokens", "2000"], capsys)
+    assert code == 0 and "(2000 cached)" in out
+    code, _, err = run(base + ["--cached-tokens", "2048"], capsys)
+    assert code == 2 and "--cached-tokens=2048 must be in [0, --prompt - 1 = 2047]" in err
+
+
 def test_trace_json(capsys):
     code, out, _ = run(["trace", "--model", "llama-3.2-1b", "--requests", "20", "--rate", "100",
                         "--prompt", "64", "--output", "8", "--seed", "1", "--json"], capsys)

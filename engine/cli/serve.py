@@ -41,6 +41,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--realtime-streaming", action="store_true", default=None,
                    help="run the threads that stream tokens under SCHED_RR so they never wait for a core "
                         "behind the compute (needs CAP_SYS_NICE; cuts the p99 ITL overhead on small machines)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="turn off automatic prefix caching (reusing the KV of equal prompt prefixes "
+                        "across requests) for every model")
     sec = p.add_argument_group("security (default: plaintext, no token; the default host is loopback)")
     sec.add_argument("--tls-cert", metavar="FILE", help="serve gRPC and /metrics over TLS with this PEM "
                      "certificate chain (with --tls-key)")
@@ -130,6 +133,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         engine_nice=pick(args.engine_nice, "engine_nice", 5),
         engine_sched_idle=bool(pick(args.engine_sched_idle, "engine_sched_idle", False)),
         realtime_streaming=bool(pick(args.realtime_streaming, "realtime_streaming", False)),
+        prefix_caching=bool(pick(args.prefix_caching, "prefix_caching", True)),
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_tokens=tokens,
     )

@@ -29,7 +29,11 @@ text (``engine.sampling.StopChecker`` on its side). Only a request with stop str
 detokenized here too, to know when to stop.
 
 Sessions keep their :class:`Sequence` (tokens + blocks) between turns; a new turn prefills only
-the tokens after the longest prefix it shares with what is already in the cache.
+the tokens after the longest prefix it shares with what is already in the cache. Across requests
+and sessions, automatic prefix caching (``SchedulerConfig.prefix_caching``, on by default) shares
+full KV blocks read-only by reference count: a sequence about to prefill takes the cached blocks
+its tokens continue into and starts at the first token not cached (``blocks``; the pool's LRU of
+released cached blocks is ``engine.kv_cache.BlockAllocator``).
 
 Owning the engine thread: ``scheduler.start()`` starts it, ``scheduler.stop()`` ends the loop
 after its current step and joins the thread (or call ``scheduler.run()`` on a thread of your own;

@@ -44,6 +44,8 @@ class SchedulerConfig:
     max_sessions: int = 256
     max_queue_ms: float | None = None  # refuse a request whose estimated queue wait exceeds it
                                        # (engine.scheduler.admission); None = no bound
+    prefix_caching: bool = True       # share full KV blocks of equal token prefixes across
+                                      # requests and sessions (engine.scheduler.blocks)
 
 
 def _default_publish(items, quiet: bool = False) -> None:
@@ -79,7 +81,7 @@ class SchedulerCore:
         self._now = clock
         self.tokenizer = model.tokenizer
         self.allocator = model.kv.allocator
-        self.blocks = BlockManager(self.allocator, model.kv.block_size)
+        self.blocks = BlockManager(self.allocator, model.kv.block_size, self.cfg.prefix_caching)
         self.block_size = model.kv.block_size
         self.context_length = model.config.context_length
         self.vocab_size = model.config.vocab_size
@@ -243,26 +245,30 @@ class SchedulerCore:
         # continue chunked prefills of running sequences first, then admit waiting ones
         queue = [s for s in self.running if s.prefilling] if self._n_partial else []
         while budget > 0:
+            gained = 0
             if queue:
                 seq = queue.pop(0)
             elif self.waiting and len(self.running) < self.cfg.max_batch:
                 seq = self.waiting[0]
+                gained = self.blocks.match(seq)  # the cached blocks its prefix continues into
             else:
                 break
             remaining = seq.n_tokens - seq.num_computed
             limit = min(budget, self.chunk_at(seq.num_computed))
             if remaining > limit and done:
+                self.blocks.unmatch(seq, gained)  # it waits: it holds no cached blocks meanwhile
                 break  # split only the first prefill of a step: a short prompt is never cut in two
             n = min(remaining, limit)
-            if not self.blocks.ensure(seq, seq.num_computed + n):
-                if seq in self.waiting and self._evict_idle_session():
-                    if not self.blocks.ensure(seq, seq.num_computed + n):
-                        break
-                else:
-                    break
+            if not self.blocks.ensure(seq, seq.num_computed + n) and not (
+                    seq in self.waiting and self._evict_idle_session()
+                    and self.blocks.ensure(seq, seq.num_computed + n)):
+                self.blocks.unmatch(seq, gained)
+                break
             if seq in self.waiting:
                 self.waiting.popleft()
                 self._enter_running(seq)
+                if not seq.stats.first_token_ns:  # not a recompute after its first token
+                    seq.stats.cached_tokens = seq.num_computed
                 if not seq.scheduled:
                     seq.scheduled = True
                     self._unqueue()
@@ -275,6 +281,7 @@ class SchedulerCore:
             now = self._now()
             dt = now - t0
             seq.num_computed = start + n
+            self.blocks.commit(seq)  # its full blocks, for the requests that share its prefix
             seq.stats.prefill_tokens += n
             seq.stats.prefill_ns += dt
             self._prefill_ns_prev += dt
@@ -346,6 +353,7 @@ class SchedulerCore:
             # keep the blocks: the next turn reuses them. A half-prefilled sequence keeps what it has.
             if seq.num_computed > seq.n_tokens:
                 seq.num_computed = seq.n_tokens
+            self.blocks.commit(seq)  # what it decoded too: others may share the conversation
         seq.req = None
         ev = FinishEvent(reason, st, error)
         if items is None:

@@ -310,18 +310,16 @@ class Scheduler(SchedulerCore):
                     f"conversation of {len(target)} tokens exceeds the model's context of "
                     f"{self.context_length}")))])
                 return
-            cached = min(common, len(target) - 1)
-            self.blocks.truncate(seq, cached)
+            self.blocks.truncate(seq, min(common, len(target) - 1))  # the KV it keeps (cached)
             seq.set_tokens(target)
             sess.active = req
             sess.last_active = time.monotonic()
         else:
             seq = Sequence(self.context_length, self.max_blocks)
             seq.set_tokens(list(req.prompt))
-            cached = 0
         end = min(seq.n_tokens + req.params.max_tokens, self.context_length)
-        seq.begin_turn(req, cached, StreamPolicy(req.params, self.vocab_size, self.tokenizer,
-                                                 self.eos_id, end))
+        seq.begin_turn(req, seq.num_computed, StreamPolicy(req.params, self.vocab_size,
+                                                           self.tokenizer, self.eos_id, end))
         if req.deadline_ns is not None:
             self._next_deadline_ns = min(self._next_deadline_ns, req.deadline_ns)
         self._enqueue(seq)

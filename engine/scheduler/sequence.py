@@ -50,7 +50,7 @@ class Sequence:
 
     # slots: the per-row work between two decode calls runs with caches the model call has just
     # flushed, and a slot read misses less than an instance-dict lookup
-    __slots__ = ("seq_id", "tokens", "n_tokens", "num_computed", "blocks", "table", "req",
+    __slots__ = ("seq_id", "tokens", "n_tokens", "num_computed", "blocks", "hashes", "table", "req",
                  "prompt_len", "max_batch", "policy", "prefilling", "stats", "scheduled", "row")
     _ids = itertools.count(1)
 
@@ -59,7 +59,8 @@ class Sequence:
         self.tokens = np.zeros(capacity, dtype=np.int32)
         self.n_tokens = 0
         self.num_computed = 0
-        self.blocks: list[int] = []          # owned KV blocks (engine.scheduler.blocks)
+        self.blocks: list[int] = []          # held KV blocks (engine.scheduler.blocks)
+        self.hashes: list[int] = []          # prefix ids of its leading registered full blocks
         self.table = np.zeros(max_blocks, dtype=np.int32)
         self.req: Request | None = None
         # per-turn state

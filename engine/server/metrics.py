@@ -104,7 +104,18 @@ class Metrics:
         self.generation_tokens = Counter("wafer_generation_tokens",
                                          "Tokens generated.", L, registry=r)
         self.cached_tokens = Counter("wafer_prefix_cache_hit_tokens",
-                                     "Prompt tokens served from a session's KV cache.", L, registry=r)
+                                     "Prompt tokens served from the KV cache (a session's or the "
+                                     "prefix cache).", L, registry=r)
+        # vLLM's prefix_cache_queries / prefix_cache_hits, in tokens: hit rate = hits / queries
+        self.prefix_queries = Counter("wafer_prefix_cache_queries",
+                                      "Prompt tokens of finished requests looked up in the KV "
+                                      "cache.", L, registry=r)
+        self.prefix_hits = Counter("wafer_prefix_cache_hits",
+                                   "Prompt tokens of finished requests whose KV came from the "
+                                   "cache (prefix cache or session).", L, registry=r)
+        self.prefix_blocks = Gauge("wafer_prefix_cache_blocks",
+                                   "KV blocks holding a cached prefix (in use or evictable).", L,
+                                   registry=r)
         self.request_success = Counter("wafer_request_success",
                                        "Finished requests by finish reason.",
                                        L + ["finished_reason"], registry=r)
@@ -131,6 +142,7 @@ class Metrics:
         self.waiting.labels(model_name).set_function(lambda: scheduler.num_waiting)
         self.kv_usage.labels(model_name).set_function(scheduler.kv_usage)
         self.sessions.labels(model_name).set_function(lambda: len(scheduler.sessions))
+        self.prefix_blocks.labels(model_name).set_function(lambda: scheduler.allocator.num_cached)
 
     def step_observer(self, model_name: str) -> "StepRecorder":
         """A Scheduler ``on_step`` hook recording batch size and step time."""

@@ -19,6 +19,7 @@ class ServerOptions:
     engine_nice: int = 0              # niceness of the engine thread and the compute threads it starts
     engine_sched_idle: bool = False   # those threads under SCHED_IDLE instead (no privilege needed)
     realtime_streaming: bool = False  # the threads that stream tokens under SCHED_RR (needs privilege)
+    prefix_caching: bool = True       # False: off for every model (else each model's own setting)
     # security (engine.server.security), for the gRPC and the metrics port alike
     tls_cert: str | None = None       # PEM certificate chain: serve TLS (with tls_key)
     tls_key: str | None = None

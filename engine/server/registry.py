@@ -13,6 +13,7 @@ serves smollm2-135m. Example::
     engine_nice = 5                    # niceness of the compute threads
     engine_sched_idle = false          # compute threads under SCHED_IDLE instead (see README)
     realtime_streaming = false         # streaming threads under SCHED_RR (needs CAP_SYS_NICE)
+    prefix_caching = true              # false: off for every model (wafer serve --no-prefix-caching)
 
     [[models]]
     name = "smollm2-135m"
@@ -22,6 +23,7 @@ serves smollm2-135m. Example::
     max_waiting = 256
     max_queue_ms = 2000                # refuse (RESOURCE_EXHAUSTED) a request whose estimated
                                        # queue wait exceeds this (optional; default: no bound)
+    prefix_caching = true              # share cached KV of equal prompt prefixes (default true)
     emulate = "wse3:llama-3.1-8b"      # optional: stamp/pace tokens on a simulated wafer
     pace = "realtime"                  # or "none" (only stamp); default: wafer serve --pace
 
@@ -104,11 +106,12 @@ class ModelEntry:
     prefill_chunk: int = 64
     numerics: str = ""                  # "exact" | "fast"; "" = the server's --numerics
     max_queue_ms: float | None = None   # admission by estimated queue wait; None = no bound
+    prefix_caching: bool = True         # `wafer serve --no-prefix-caching` turns it off for all
 
     def engine_key(self) -> tuple:
         """Entries with equal keys share one loaded model and scheduler."""
         return (self.path, self.max_batch, self.max_waiting, self.kv_blocks, self.block_size,
-                self.prefill_chunk, self.numerics, self.max_queue_ms)
+                self.prefill_chunk, self.numerics, self.max_queue_ms, self.prefix_caching)
 
     def effective_status(self, today: _dt.date | None = None) -> str:
         if self.status == DEPRECATED and self.sunset:
@@ -141,7 +144,7 @@ ENTRY_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "path": (str,), "aliases": (list,), "status": (str,),
     "sunset": (str, _dt.date), "successor": (str,), "emulate": (str,), "pace": (str,),
     "max_batch": (int,), "max_waiting": (int,), "kv_blocks": (int,), "block_size": (int,),
-    "prefill_chunk": (int,), "numerics": (str,), "max_queue_ms": (int, float),
+    "prefill_chunk": (int,), "numerics": (str,), "max_queue_ms": (int, float), "prefix_caching": (bool,),
 }
 _NUMERICS = (lambda v: v in NUMERICS, " or ".join(f'"{n}"' for n in NUMERICS))
 _PACE = (lambda v: v in PACES, " or ".join(f'"{p}"' for p in PACES))
@@ -166,6 +169,7 @@ SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "session_idle_timeout_s": (int, float), "emulate": (str,), "pace": (str,), "threads": (int,),
     "engine_nice": (int,), "engine_sched_idle": (bool,), "realtime_streaming": (bool,),
     "numerics": (str,),
+    "prefix_caching": (bool,),
 }
 SERVER_LIMITS = {  # key -> (check, what it must be)
     "port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),

@@ -160,6 +160,8 @@ class WaferServicer(pb_grpc.WaferServicer):
             while True:
                 _, ev = await q.get()
                 if isinstance(ev, sch.TokenEvent):
+                    if state.emu is not None and state.emu.n == 0 and req.seq is not None:
+                        state.emu.cached_tokens = req.seq.stats.cached_tokens  # the prefix cache's hit
                     c = state.add(ev)
                     if c is not None:
                         await state.before_send(c)

@@ -150,6 +150,8 @@ class StreamState:
             if st.prefill_ns:
                 m.prefill_time.labels(name).observe(st.prefill_ns / 1e9)
             m.prompt_tokens.labels(name).inc(st.prompt_tokens)
+            m.prefix_queries.labels(name).inc(st.prompt_tokens)
+            m.prefix_hits.labels(name).inc(st.cached_tokens)
             m.generation_tokens.labels(name).inc(st.completion_tokens)
             if st.cached_tokens:
                 m.cached_tokens.labels(name).inc(st.cached_tokens)
