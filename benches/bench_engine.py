@@ -1,13 +1,16 @@
-"""Engine throughput on the real model: decode (1 stream), prefill (512 tokens), batched decode
-(B=16), each with bytes of weights read per token and achieved GB/s next to the read bandwidth
-measured in the same run; cold/warm JIT start; llama.cpp on the same file when installed, in
-alternating rounds with our engine; the scheduler's own time between two decode calls (the part of
+"""Engine throughput on the real model, in both numeric modes (exact, fast): decode (1 stream),
+prefill (512 tokens), batched decode (B=16), each with bytes of weights read per token and
+achieved GB/s next to the read bandwidth measured in the same run; cold/warm JIT start;
+llama.cpp on the same file (benches/peer_llama.py: its own venv, WAFER_PEER_PYTHON) in
+alternating rounds with both modes, with long-context prefill (4k, 8k; WAFER_BENCH_LONG=0 skips);
+logit accuracy of both modes and of llama.cpp against the float64 reference; the scheduler's own time between two decode calls (the part of
 the serving bench's per-token overhead that is engine bookkeeping, not serving); and encoding a
 re-sent chat conversation (cached pieces vs encoding the whole rendered prompt)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -25,11 +28,25 @@ PREFILL = 512
 BATCH = 16
 
 
+MODES = ("exact", "fast")
+_models: dict[str, Model] = {}
+
+
 @pytest.fixture(scope="module")
-def model(model_path):
-    m = Model(model_path, max_batch=BATCH, threads=THREADS)
-    m.warmup()
-    return m
+def models(model_path):
+    def get(numerics):
+        if numerics not in _models:
+            m = _models[numerics] = Model(model_path, max_batch=BATCH, threads=THREADS, numerics=numerics)
+            m.warmup()
+        return _models[numerics]
+
+    yield get
+    _models.clear()
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    return models("exact")
 
 
 def _sequence(model, n_tokens):
@@ -59,7 +76,9 @@ def _row(model, tok_s, bandwidth, per_token_bytes=None, macs=None, weights_bandw
     return row
 
 
-def test_decode_one_stream(benchmark, model, read_bandwidth_gbs, weights_bandwidth_gbs):
+@pytest.mark.parametrize("numerics", MODES)
+def test_decode_one_stream(benchmark, models, numerics, read_bandwidth_gbs, weights_bandwidth_gbs):
+    model = models(numerics)
     blocks, table = _sequence(model, CONTEXT + 1)
     prompt = np.arange(1, CONTEXT + 1, dtype=np.int32)
     model.prefill(prompt, table, 0)
@@ -67,12 +86,14 @@ def test_decode_one_stream(benchmark, model, read_bandwidth_gbs, weights_bandwid
     benchmark.pedantic(model.decode, args=(tok, pos, tables), rounds=60, warmup_rounds=5)
     model.kv.allocator.free(blocks)
     tok_s = 1.0 / benchmark.stats.stats.median
-    REPORT["decode B=1"] = row = _row(model, tok_s, read_bandwidth_gbs,
+    REPORT[f"decode B=1 {numerics}"] = row = _row(model, tok_s, read_bandwidth_gbs,
                                       weights_bandwidth=weights_bandwidth_gbs)
     benchmark.extra_info.update(row)
 
 
-def test_prefill_512(benchmark, model, read_bandwidth_gbs):
+@pytest.mark.parametrize("numerics", MODES)
+def test_prefill_512(benchmark, models, numerics, read_bandwidth_gbs):
+    model = models(numerics)
     blocks, table = _sequence(model, PREFILL)
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, PREFILL).astype(np.int32)
     benchmark.pedantic(model.prefill, args=(prompt, table, 0), rounds=3, warmup_rounds=1)
@@ -83,11 +104,13 @@ def test_prefill_512(benchmark, model, read_bandwidth_gbs):
     head_macs = model.macs_per_token() - model.macs_per_token(with_head=False)
     macs = model.macs_per_token(with_head=False) + head_macs / PREFILL
     row = _row(model, tok_s, read_bandwidth_gbs, model.weight_bytes_per_token() / PREFILL, macs)
-    REPORT["prefill 512"] = row
+    REPORT[f"prefill 512 {numerics}"] = row
     benchmark.extra_info.update(row)
 
 
-def test_batched_decode_16(benchmark, model, read_bandwidth_gbs):
+@pytest.mark.parametrize("numerics", MODES)
+def test_batched_decode_16(benchmark, models, numerics, read_bandwidth_gbs):
+    model = models(numerics)
     tables = np.zeros((BATCH, model.kv.blocks_for(CONTEXT + 1)), np.int32)
     owned = []
     for i in range(BATCH):
@@ -102,9 +125,9 @@ def test_batched_decode_16(benchmark, model, read_bandwidth_gbs):
         model.kv.allocator.free(blocks)
     tok_s = BATCH / benchmark.stats.stats.median
     row = _row(model, tok_s, read_bandwidth_gbs, model.weight_bytes_per_token() / BATCH)
-    if "prefill 512" in REPORT:
-        row["vs_prefill"] = round(tok_s / REPORT["prefill 512"]["tok/s"], 2)
-    REPORT[f"decode B={BATCH} (aggregate)"] = row
+    if f"prefill 512 {numerics}" in REPORT:
+        row["vs_prefill"] = round(tok_s / REPORT[f"prefill 512 {numerics}"]["tok/s"], 2)
+    REPORT[f"decode B={BATCH} (aggregate) {numerics}"] = row
     benchmark.extra_info.update(row)
 
 
@@ -222,18 +245,64 @@ def test_cold_and_warm_start(benchmark, model_path, tmp_path):
     benchmark.extra_info.update(row)
 
 
-def test_peer_llama_cpp(benchmark, model, read_bandwidth_gbs):
-    """llama.cpp on the same GGUF and thread count (pip install llama-cpp-python). The two run
-    in alternating rounds in this process, so both see the same machine; the ratio is the median
-    of the per-round ratios."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="peer bench needs `pip install llama-cpp-python`")
-    llm = llama_cpp.Llama(model_path=str(model.path), n_threads=THREADS, n_threads_batch=THREADS,
-                          n_ctx=1024, n_batch=PREFILL, verbose=False)
-    prompt = np.random.default_rng(0).integers(100, 40000, PREFILL).astype(np.int32)
-    blocks, table = _sequence(model, PREFILL)
-    n = 64
+def _peer_python() -> str | None:
+    """WAFER_PEER_PYTHON, else this python when it has llama_cpp (see benches/peer_llama.py)."""
+    named = os.environ.get("WAFER_PEER_PYTHON")
+    if named:
+        return named
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    return sys.executable
 
-    def ours_decode():
+
+class Peer:
+    """benches/peer_llama.py in a subprocess: one JSON request, one JSON answer."""
+
+    def __init__(self, python, model_path, n_ctx):
+        self.proc = subprocess.Popen([python, "-m", "benches.peer_llama", str(model_path), str(THREADS), str(n_ctx)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def __call__(self, **req):
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        ans = json.loads(self.proc.stdout.readline())
+        if "error" in ans:
+            raise RuntimeError(ans["error"])
+        return ans
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def peer(model_path):
+    python = _peer_python()
+    if python is None:
+        pytest.skip("no llama.cpp peer: set WAFER_PEER_PYTHON (benches/peer_llama.py says how to build it)")
+    p = Peer(python, model_path, n_ctx=LONG[-1] + 64)
+    yield p
+    p.close()
+
+
+LONG = (4096, 8192)  # long-context prefill lengths (the model's context is 8192)
+
+
+def test_peer_llama_cpp(benchmark, models, peer, read_bandwidth_gbs, weights_bandwidth_gbs):
+    """llama.cpp (AVX-512 build, its own process) on the same GGUF and thread count, in
+    alternating rounds with both of our modes, so all see the same machine; ratios are the
+    medians of the per-round ratios. Decode at context 64, prefill of 512 tokens, and (one
+    round each) prefill of 4k and 8k tokens."""
+    prompt = np.random.default_rng(0).integers(100, 40000, LONG[-1]).astype(np.int32)
+    n = 64
+    ours = {m: models(m) for m in MODES}
+    tables = {m: _sequence(mod, LONG[-1])[1] for m, mod in ours.items()}
+
+    def ours_decode(m):
+        model, table = ours[m], tables[m]
         model.prefill(prompt[:CONTEXT], table, 0)
         tok = np.array([42], np.int32)
         t = time.perf_counter()
@@ -241,42 +310,97 @@ def test_peer_llama_cpp(benchmark, model, read_bandwidth_gbs):
             model.decode(tok, np.array([CONTEXT + i], np.int32), table[None])
         return n / (time.perf_counter() - t)
 
+    def ours_prefill(m, length=PREFILL):
+        t = time.perf_counter()
+        ours[m].prefill(prompt[:length], tables[m], 0)
+        return length / (time.perf_counter() - t)
+
     def peer_decode():
-        llm.reset()
-        llm.eval(prompt[:CONTEXT].tolist())
-        t = time.perf_counter()
-        for i in range(n):
-            llm.eval([int(prompt[CONTEXT + i])])
-        return n / (time.perf_counter() - t)
+        return peer(op="decode", prompt=prompt[:CONTEXT].tolist(), n=n)["tok_s"]
 
-    def ours_prefill():
-        t = time.perf_counter()
-        model.prefill(prompt, table, 0)
-        return PREFILL / (time.perf_counter() - t)
+    def peer_prefill(length=PREFILL):
+        return peer(op="prefill", prompt=prompt[:length].tolist())["tok_s"]
 
-    def peer_prefill():
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompt.tolist())
-        return PREFILL / (time.perf_counter() - t)
-
-    decode, prefill = [], []
+    rounds = {"decode": [], "prefill": []}
+    long = {}
 
     def alternate():
-        ours_prefill(), peer_prefill(), ours_decode(), peer_decode()  # warm-up round, not counted
-        decode.extend((ours_decode(), peer_decode()) for _ in range(6))
-        prefill.extend((ours_prefill(), peer_prefill()) for _ in range(5))
+        for m in MODES:  # warm-up round, not counted
+            ours_prefill(m), ours_decode(m)
+        peer_prefill(), peer_decode()
+        for _ in range(6):
+            rounds["decode"].append({**{m: ours_decode(m) for m in MODES}, "llama.cpp": peer_decode()})
+        for _ in range(4):
+            rounds["prefill"].append({**{m: ours_prefill(m) for m in MODES}, "llama.cpp": peer_prefill()})
+        if os.environ.get("WAFER_BENCH_LONG", "1") != "0":
+            for length in LONG:
+                long[length] = {**{m: ours_prefill(m, length) for m in MODES}, "llama.cpp": peer_prefill(length)}
 
     benchmark.pedantic(alternate, rounds=1, iterations=1)  # runs under --benchmark-only too
-    model.kv.allocator.free(blocks)
     med = lambda xs: float(np.median(xs))  # noqa: E731
-    REPORT["llama.cpp (peer, alternating)"] = row = {
-        "wafer_decode_tok/s": round(med([a for a, _ in decode]), 1),
-        "llama.cpp_decode_tok/s": round(med([b for _, b in decode]), 1),
-        "decode_ratio": round(med([a / b for a, b in decode]), 2),
-        "wafer_prefill_tok/s": round(med([a for a, _ in prefill]), 1),
-        "llama.cpp_prefill_tok/s": round(med([b for _, b in prefill]), 1),
-        "prefill_ratio": round(med([a / b for a, b in prefill]), 2),
-        "rounds": f"{len(decode)} decode, {len(prefill)} prefill, after a warm-up round",
-    }
+    per_token = ours["exact"].weight_bytes_per_token()
+    row = {"llama.cpp": peer(op="info")["version"]}
+    for kind, rs in rounds.items():
+        row[f"llama.cpp_{kind}_tok/s"] = round(med([r["llama.cpp"] for r in rs]), 1)
+        for m in MODES:
+            row[f"{m}_{kind}_tok/s"] = round(med([r[m] for r in rs]), 1)
+            row[f"{m}_{kind}_ratio"] = round(med([r[m] / r["llama.cpp"] for r in rs]), 2)
+    for who in MODES + ("llama.cpp",):  # decode streams the weights once per token
+        gbs = row[f"{who}_decode_tok/s"] * per_token / 1e9
+        row[f"{who}_decode_of_weights_sized_read"] = round(gbs / weights_bandwidth_gbs, 3)
+        row[f"{who}_decode_of_read_bw"] = round(gbs / read_bandwidth_gbs, 3)
+    for length, r in long.items():
+        for who, v in r.items():
+            row[f"prefill{length}_{who}_tok/s"] = round(v, 1)
+        for m in MODES:
+            row[f"prefill{length}_{m}_ratio"] = round(r[m] / r["llama.cpp"], 2)
+    row["rounds"] = f"{len(rounds['decode'])} decode, {len(rounds['prefill'])} prefill, 1 per long prefill"
+    REPORT["llama.cpp (peer, alternating)"] = row
+    benchmark.extra_info.update(row)
+
+
+ACCURACY_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based inks and a wooden press adapted from wine making. "
+    "Within fifty years presses were running in more than two hundred European cities, and the "
+    "price of books fell so far that reading spread well beyond monasteries and universities. "
+    "Scholars argue about how much the press caused the Reformation and the scientific revolution, "
+    "but few doubt that cheap pamphlets changed how quickly ideas could travel. Question: which "
+    "city is usually named as the place where Gutenberg built his first press? Answer: Mainz, a "
+    "city on the Rhine, where he worked in the 1440s and 1450s before printing his famous Bible, "
+    "of which about forty-nine copies survive today in libraries around the world.")
+
+
+def test_accuracy_vs_reference(benchmark, models, model_path, tmp_path):
+    """Teacher-forced logits of a held-out paragraph against the float64 numpy reference
+    (tests/reference.py: HF-style math on the same quantized weights): the largest error on
+    the reference's top-5 logits of each position, and how often the argmax agrees; for
+    exact, fast and (when the peer is there) llama.cpp."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from reference import reference_logits
+
+    tokens = models("exact").tokenizer.encode(ACCURACY_TEXT)
+    got = {}
+
+    def run():
+        want = reference_logits(model_path, tokens)
+        got["want"] = want
+        for m in MODES:
+            got[m] = models(m).logits(tokens)
+        python = _peer_python()
+        if python:
+            p = Peer(python, model_path, n_ctx=len(tokens) + 16)
+            p(op="logits", tokens=tokens, out=str(tmp_path / "peer.npy"))
+            p.close()
+            got["llama.cpp"] = np.load(tmp_path / "peer.npy")
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    want = got.pop("want")
+    top5 = np.argsort(-want, axis=1)[:, :5]
+    row = {"tokens": len(tokens)}
+    for who, logits in got.items():
+        err = np.abs(np.take_along_axis(logits, top5, 1) - np.take_along_axis(want, top5, 1))
+        row[f"{who}_top5_max_abs_err"] = round(float(err.max()), 5)
+        row[f"{who}_argmax_agree"] = f"{int((logits.argmax(1) == want.argmax(1)).sum())}/{len(tokens)}"
+    REPORT["accuracy vs float64 reference"] = row
     benchmark.extra_info.update(row)

@@ -11,8 +11,11 @@ Weight layouts (repacked at load time by engine/weights.py, still quantized):
        block b, high = element j+16 (GGUF's order). Scales `scales[l, r, 2*b]` = d, `2*b+1` = m.
   Q8   int8 with per-32 scale d: `q8[l, r, k]`, `scales[l, r, b]`.
   F16  `f16[l, r, k]` (raw half bits), F32 `f32[l, r, k]`.
-Scales are fp16 bits; `half` is the 65536-entry table that turns fp16 bits into float32
-(Numba has no float16 type).
+Scales are fp16 bits, turned into float32 inside the vector intrinsics.
+
+Two numeric modes for the quantized products (`fast` argument of matmul): exact (float32
+activations, engine/simd.py) and fast (int8 activations per 32-block, integer dot products,
+engine/simd_int8.py). In each, a (row, token) dot has one fixed arithmetic whatever the batch.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def _cache_dir() -> str:
     """Numba's on-disk cache does not notice when a jitted function's callees in another file
     change, so the cache lives in a folder named after the source of every jitted file."""
     here = Path(__file__).parent
-    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("kernels.py", "simd.py", "model.py")))
+    files = ("kernels.py", "simd.py", "simd_int8.py", "cpu.py", "model.py")
+    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in files))
+    digest.update(os.environ.get("WAFER_ISA", "").encode())  # the int8 kernel is chosen at compile time
     home = os.environ.get("WAFER_HOME", str(Path.home() / ".cache" / "wafer"))
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(home, "numba")
     return os.path.join(base, digest.hexdigest()[:16])
@@ -40,15 +45,16 @@ def _cache_dir() -> str:
 
 numba.config.CACHE_DIR = _cache_dir()  # must precede the decorators below
 
-from engine.simd import dequant_row as dequant_quantized_row
-from engine.simd import (axpy16, dot_q4_x1, dot_q4_x4, dot_q8_x1, dot_q8_x4, exp16, scores16,
-                         silu_mul16)
+from engine import simd as S
+from engine import simd_int8 as I
+from engine.simd import axpy16, exp16, scores16, silu_mul16
 
 F32, F16, Q4, Q8 = 0, 1, 3, 8  # GGML type ids (Q4_0 is served by the Q4 kernels)
 BLOCK = 32  # elements per quantization block
 GEMV_MAX_TOKENS = 5  # up to this many tokens a step uses the matrix-vector kernels (measured crossover)
 GEMM_TILE = 64  # weight rows a thread dequantizes and multiplies at a time in the matrix path
 GEMM_TOKENS = 16  # tokens multiplied per pass over a tile (their activations stay in L1/L2)
+INT8_TILE = 16  # weight rows per parallel work item in fast mode (fine enough to balance 2 threads)
 
 HALF_TO_FLOAT = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
@@ -70,123 +76,137 @@ class QWeight(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# Per-format routines
+# Per-format routines: pick the format's intrinsic (engine/simd.py, engine/simd_int8.py)
 
 
 @jit
-def dequant_row(w, half, l, r, out):
-    """out[:cols] = row r of layer l as float32."""
-    K = w.cols
+def dequant_row(w, l, r, out):
+    """out[:cols] = row r of layer l as float32 (the same dequantization as the dots)."""
     if w.fmt == Q4:
-        dequant_quantized_row(w.q4[l, r], w.scales[l, r], out, True)
+        S.dequant_q4(w.q4[l], w.scales[l], r, out)
     elif w.fmt == Q8:
-        dequant_quantized_row(w.q8[l, r], w.scales[l, r], out, False)
+        S.dequant_q8(w.q8[l], w.scales[l], r, out)
     elif w.fmt == F16:
-        for k in range(K):
-            out[k] = half[w.f16[l, r, k]]
+        S.dequant_f16(w.f16[l], w.f16[l], r, out)
     else:
-        for k in range(K):
-            out[k] = w.f32[l, r, k]
+        out[: w.cols] = w.f32[l, r]
 
 
 @jit
-def dot4_f16(w, half, l, r0, x):
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    f = w.f16
-    for k in range(w.cols):
-        xk = x[k]
-        a0 += half[f[l, r0, k]] * xk
-        a1 += half[f[l, r0 + 1, k]] * xk
-        a2 += half[f[l, r0 + 2, k]] * xk
-        a3 += half[f[l, r0 + 3, k]] * xk
-    return a0, a1, a2, a3
+def dot_4x4(w, l, r, x, t, out):
+    if w.fmt == Q4:
+        S.dot_q4_4x4(w.q4[l], w.scales[l], r, x, t, out, r, w.rows)
+    elif w.fmt == Q8:
+        S.dot_q8_4x4(w.q8[l], w.scales[l], r, x, t, out, r, w.rows)
+    elif w.fmt == F16:
+        S.dot_f16_4x4(w.f16[l], w.f16[l], r, x, t, out, r, w.rows)
+    else:
+        S.dot_f32_4x4(w.f32[l], w.f32[l], r, x, t, out, r, w.rows)
 
 
 @jit
-def dot4_f32(w, l, r0, x):
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    f = w.f32
-    for k in range(w.cols):
-        xk = x[k]
-        a0 += f[l, r0, k] * xk
-        a1 += f[l, r0 + 1, k] * xk
-        a2 += f[l, r0 + 2, k] * xk
-        a3 += f[l, r0 + 3, k] * xk
-    return a0, a1, a2, a3
+def dot_4x1(w, l, r, x, t, out):
+    if w.fmt == Q4:
+        S.dot_q4_4x1(w.q4[l], w.scales[l], r, x, t, out, r, w.rows)
+    elif w.fmt == Q8:
+        S.dot_q8_4x1(w.q8[l], w.scales[l], r, x, t, out, r, w.rows)
+    elif w.fmt == F16:
+        S.dot_f16_4x1(w.f16[l], w.f16[l], r, x, t, out, r, w.rows)
+    else:
+        S.dot_f32_4x1(w.f32[l], w.f32[l], r, x, t, out, r, w.rows)
 
 
 @jit
-def dot4(w, half, l, r0, x):
-    if w.fmt == F16:
-        return dot4_f16(w, half, l, r0, x)
-    return dot4_f32(w, l, r0, x)
+def dot_1x1(w, l, r, x, t, out):
+    if w.fmt == Q4:
+        S.dot_q4_1x1(w.q4[l], w.scales[l], r, x, t, out, r, w.rows)
+    elif w.fmt == Q8:
+        S.dot_q8_1x1(w.q8[l], w.scales[l], r, x, t, out, r, w.rows)
+    elif w.fmt == F16:
+        S.dot_f16_1x1(w.f16[l], w.f16[l], r, x, t, out, r, w.rows)
+    else:
+        S.dot_f32_1x1(w.f32[l], w.f32[l], r, x, t, out, r, w.rows)
+
+
+@jit
+def idot_rows(w, l, r, n_rows, a, t0, t1, out):
+    """Fast mode: rows r.. (4, or 1 when n_rows == 1) against tokens t0..t1-1."""
+    t = t0
+    if w.fmt == Q4:
+        if n_rows == 4:
+            while t + 4 <= t1:
+                I.idot_q4_4x4(w.q4[l], w.scales[l], r, a.qx, a.dx, a.xs, t, out, r, w.rows)
+                t += 4
+            while t < t1:
+                I.idot_q4_4x1(w.q4[l], w.scales[l], r, a.qx, a.dx, a.xs, t, out, r, w.rows)
+                t += 1
+        else:
+            for t in range(t0, t1):
+                I.idot_q4_1x1(w.q4[l], w.scales[l], r, a.qx, a.dx, a.xs, t, out, r, w.rows)
+    else:
+        if n_rows == 4:
+            while t + 4 <= t1:
+                I.idot_q8_4x4(w.q8[l], w.scales[l], r, a.qx, a.dx, a.xs, t, out, r, w.rows)
+                t += 4
+            while t < t1:
+                I.idot_q8_4x1(w.q8[l], w.scales[l], r, a.qx, a.dx, a.xs, t, out, r, w.rows)
+                t += 1
+        else:
+            for t in range(t0, t1):
+                I.idot_q8_1x1(w.q8[l], w.scales[l], r, a.qx, a.dx, a.xs, t, out, r, w.rows)
 
 
 # --------------------------------------------------------------------------------------------
 # The matrix product driver
 
 
-@pjit
-def gemv(w, half, l, x, n_tok, out, xsum):
-    """out[t] = W[l] @ x[t] straight from the weights: quantized rows through the vector
-    intrinsics of engine/simd.py, float rows 4 at a time."""
-    N = w.rows
-    K = w.cols
-    if w.fmt == Q4:
-        for t in range(n_tok):
-            for b in range(K // BLOCK):
-                s = np.float32(0.0)
-                for j in range(BLOCK * b, BLOCK * b + BLOCK):
-                    s += x[t, j]
-                xsum[t, b] = s
-        for r in prange(N):
-            q, sc = w.q4[l, r], w.scales[l, r]
-            for t in range(0, n_tok - 3, 4):
-                dot_q4_x4(q, sc, x, t, xsum, out, r)
-            for t in range(n_tok - n_tok % 4, n_tok):
-                dot_q4_x1(q, sc, x, t, xsum, out, r)
-        return
-    if w.fmt == Q8:
-        for r in prange(N):
-            q, sc = w.q8[l, r], w.scales[l, r]
-            for t in range(0, n_tok - 3, 4):
-                dot_q8_x4(q, sc, x, t, out, r)
-            for t in range(n_tok - n_tok % 4, n_tok):
-                dot_q8_x1(q, sc, x, t, out, r)
-        return
-    for g in prange(N // 4):
-        r0 = 4 * g
-        for t in range(n_tok):
-            a0, a1, a2, a3 = dot4(w, half, l, r0, x[t])
-            out[t, r0] = a0
-            out[t, r0 + 1] = a1
-            out[t, r0 + 2] = a2
-            out[t, r0 + 3] = a3
-    for r in range(N - N % 4, N):  # tail rows
-        for t in range(n_tok):
-            a = np.float32(0.0)
-            for k in range(K):
-                a += x[t, k] * (half[w.f16[l, r, k]] if w.fmt == F16 else w.f32[l, r, k])
-            out[t, r] = a
+class Act(NamedTuple):
+    """Fast mode's quantized activations (layout: engine/simd_int8.py)."""
+
+    qx: np.ndarray  # int8 [T, max_cols]
+    dx: np.ndarray  # float32 [T, 8 * max_cols / 32]: each block's scale, once per i32 lane
+    xs: np.ndarray  # float32 [T, 4 * max_cols / 32]: Q4's dx * sum(qx) / 4, once per i32 lane
 
 
 @jit
-def matmul(w, half, l, x, n_tok, out, xsum, wtiles):
+def matmul(w, l, x, n_tok, out, wtiles, act, fast):
     """out[t, :rows] = W[l] @ x[t, :cols] for t < n_tok.
 
-    Few tokens (decode): matrix-vector kernels straight from the quantized rows.
-    More tokens (prefill, batched decode): each thread dequantizes a tile of GEMM_TILE rows into
-    its own buffer and multiplies it by all tokens, so the weights are read once per step
-    whatever the batch, and the model is never held in float32.
+    exact (fast false): float32 activations. Few tokens (decode): matrix-vector kernels
+    straight from the quantized rows. More tokens (prefill, batched decode): each thread
+    dequantizes a tile of GEMM_TILE rows into its own buffer and multiplies it by all tokens,
+    so the weights are read once per step and the model is never held in float32. Both run the
+    same per-(row, token) arithmetic (engine/simd.py), so the path never changes the result.
+    fast: quantized formats take int8 activations and integer block dots, any number of tokens.
     """
-    if n_tok <= GEMV_MAX_TOKENS:
-        gemv(w, half, l, x, n_tok, out, xsum)
+    if fast and (w.fmt == Q4 or w.fmt == Q8):
+        quantize_rows(x, n_tok, w.cols, w.fmt == Q4, act)
+        matmul_int8(w, l, act, n_tok, out)
+    elif n_tok <= GEMV_MAX_TOKENS:
+        gemv(w, l, x, n_tok, out)
     else:
-        gemm(w, half, l, x, n_tok, out, wtiles)
+        gemm(w, l, x, n_tok, out, wtiles)
 
 
 @pjit
-def gemm(w, half, l, x, n_tok, out, wtiles):
+def gemv(w, l, x, n_tok, out):
+    N = w.rows
+    for g in prange(N // 4):
+        r = 4 * g
+        t = 0
+        while t + 4 <= n_tok:
+            dot_4x4(w, l, r, x, t, out)
+            t += 4
+        while t < n_tok:
+            dot_4x1(w, l, r, x, t, out)
+            t += 1
+    for r in range(N - N % 4, N):
+        for t in range(n_tok):
+            dot_1x1(w, l, r, x, t, out)
+
+
+@pjit
+def gemm(w, l, x, n_tok, out, wtiles):
     N = w.rows
     K = w.cols
     for i in prange((N + GEMM_TILE - 1) // GEMM_TILE):
@@ -194,64 +214,76 @@ def gemm(w, half, l, x, n_tok, out, wtiles):
         nr = min(GEMM_TILE, N - r0)
         wt = wtiles[get_thread_id(), : GEMM_TILE * K].reshape(GEMM_TILE, K)
         for r in range(nr):
-            dequant_row(w, half, l, r0 + r, wt[r])
-        for r in range(nr, GEMM_TILE):
-            wt[r, :] = 0.0
-        tile_product(wt, x, n_tok, K, out, r0, nr)
+            dequant_row(w, l, r0 + r, wt[r])
+        for t0 in range(0, n_tok, GEMM_TOKENS):  # these tokens' activations stay in L1/L2
+            t1 = min(n_tok, t0 + GEMM_TOKENS)
+            for r in range(0, nr, 4):  # rows past nr are computed from stale tile rows, not stored
+                t = t0
+                while t + 4 <= t1:
+                    S.dot_f32_4x4(wt, wt, r, x, t, out, r0 + r, r0 + nr)
+                    t += 4
+                while t < t1:
+                    S.dot_f32_4x1(wt, wt, r, x, t, out, r0 + r, r0 + nr)
+                    t += 1
+
+
+@pjit
+def matmul_int8(w, l, act, n_tok, out):
+    N = w.rows
+    for i in prange((N + INT8_TILE - 1) // INT8_TILE):
+        r0 = i * INT8_TILE
+        r1 = min(N, r0 + INT8_TILE)
+        for t0 in range(0, n_tok, GEMM_TOKENS):
+            t1 = min(n_tok, t0 + GEMM_TOKENS)
+            r = r0
+            while r + 4 <= r1:
+                idot_rows(w, l, r, 4, act, t0, t1, out)
+                r += 4
+            while r < r1:
+                idot_rows(w, l, r, 1, act, t0, t1, out)
+                r += 1
 
 
 @jit
-def tile_product(wt, x, n_tok, K, out, r0, nr):
-    """out[t, r0 + r] = wt[r] . x[t] for a dense tile: 4 rows x 2 tokens per pass, so each
-    loaded weight serves 2 tokens and each activation 4 rows (8 independent accumulators)."""
-    for t0 in range(0, n_tok, GEMM_TOKENS):
-        tile_product_tokens(wt, x, t0, min(n_tok, t0 + GEMM_TOKENS), K, out, r0, nr)
+def quantize_row(x, K, q4, qx, dx, xs):
+    """x[:K] -> int8 per 32-block, dx = max|x| / 127 (llama.cpp's Q8_1 / Q8_0), laid out for
+    the Q4 (q4 true) or Q8 kernels of engine/simd_int8.py."""
+    nb = K // BLOCK
+    full = nb // 4 * 4
+    for b in range(nb):
+        o = BLOCK * b
+        amax = np.float32(0.0)
+        for j in range(BLOCK):
+            amax = max(amax, abs(x[o + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        total = 0
+        for j in range(BLOCK):
+            v = int(math.floor(x[o + j] * inv + np.float32(0.5)))
+            total += v
+            if not q4:
+                qx[o + j] = v + 128 - 256 * (v >= 0)  # the u8 bits of v + 128
+            elif b < full:  # four blocks' elements 0-15 side by side, then their 16-31
+                qx[128 * (b // 4) + 64 * (j // 16) + 16 * (b % 4) + j % 16] = v
+            else:
+                qx[o + j] = v
+        if q4:
+            for i in range(4):
+                dx[4 * b + i] = d
+                xs[4 * b + i] = d * np.float32(total) * np.float32(0.25)
+        else:
+            for i in range(8):
+                dx[8 * b + i] = d
 
 
-@jit
-def tile_product_tokens(wt, x, t0, t1, K, out, r0, nr):
-    for r in range(0, wt.shape[0], 4):
-        for t in range(t0, t1 - 1, 2):
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-            for k in range(K):
-                xk = x[t, k]
-                yk = x[t + 1, k]
-                w0 = wt[r, k]
-                w1 = wt[r + 1, k]
-                w2 = wt[r + 2, k]
-                w3 = wt[r + 3, k]
-                a0 += w0 * xk
-                a1 += w1 * xk
-                a2 += w2 * xk
-                a3 += w3 * xk
-                b0 += w0 * yk
-                b1 += w1 * yk
-                b2 += w2 * yk
-                b3 += w3 * yk
-            store4(out, t, r0, r, nr, a0, a1, a2, a3)
-            store4(out, t + 1, r0, r, nr, b0, b1, b2, b3)
-        if (t1 - t0) % 2:
-            t = t1 - 1
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for k in range(K):
-                xk = x[t, k]
-                a0 += wt[r, k] * xk
-                a1 += wt[r + 1, k] * xk
-                a2 += wt[r + 2, k] * xk
-                a3 += wt[r + 3, k] * xk
-            store4(out, t, r0, r, nr, a0, a1, a2, a3)
-
-
-@jit
-def store4(out, t, r0, r, nr, a0, a1, a2, a3):
-    if r < nr:
-        out[t, r0 + r] = a0
-    if r + 1 < nr:
-        out[t, r0 + r + 1] = a1
-    if r + 2 < nr:
-        out[t, r0 + r + 2] = a2
-    if r + 3 < nr:
-        out[t, r0 + r + 3] = a3
+@pjit
+def quantize_rows(x, n_tok, K, q4, act):
+    if n_tok <= SMALL_STEP:
+        for t in range(n_tok):
+            quantize_row(x[t], K, q4, act.qx[t], act.dx[t], act.xs[t])
+    else:
+        for t in prange(n_tok):
+            quantize_row(x[t], K, q4, act.qx[t], act.dx[t], act.xs[t])
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,13 +412,13 @@ def attention(qkv, n_tok, positions, token_seq, block_tables, l, k_cache, v_cach
 
 
 @pjit
-def embed(w, half, tokens, n_tok, out):
+def embed(w, tokens, n_tok, out):
     if n_tok <= SMALL_STEP:
         for t in range(n_tok):
-            dequant_row(w, half, 0, tokens[t], out[t])
+            dequant_row(w, 0, tokens[t], out[t])
     else:
         for t in prange(n_tok):
-            dequant_row(w, half, 0, tokens[t], out[t])
+            dequant_row(w, 0, tokens[t], out[t])
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from engine.weights import Weights, load_weights, weight_bytes
 
 log = logging.getLogger(__name__)
 
+NUMERICS = ("exact", "fast")  # Model(numerics=...): see Model.__init__
+
 
 class Dims(NamedTuple):
     n_layers: int
@@ -33,6 +35,7 @@ class Dims(NamedTuple):
     head_dim: int
     d_ffn: int
     rms_eps: float
+    fast: bool  # numerics="fast": int8 activations in the quantized products
 
 
 class Buffers(NamedTuple):
@@ -46,37 +49,37 @@ class Buffers(NamedTuple):
     gate_up: np.ndarray  # [T, 2 d_ffn]
     hidden: np.ndarray  # silu(gate) * up [T, d_ffn]
     head_in: np.ndarray  # rows that get logits [T, d_model]
-    xsum: np.ndarray  # per-block sums of a matrix-vector input [T, max_cols / 32]
+    act: K.Act  # fast mode: a product's input quantized to int8 per 32-block
     wtiles: np.ndarray  # per-thread dequantized weight tile [threads, GEMM_TILE * max_cols]
     scores: np.ndarray  # per-thread attention scores [threads, context]
 
 
 @K.jit
 def forward(tokens, positions, token_seq, block_tables, logit_rows,
-            w, half, rope_cos, rope_sin, k_cache, v_cache, dims, buf, logits):
-    T = tokens.size
-    K.embed(w.embed, half, tokens, T, buf.x)
+            w, rope_cos, rope_sin, k_cache, v_cache, dims, buf, logits):
+    T, fast, wt, act = tokens.size, dims.fast, buf.wtiles, buf.act
+    K.embed(w.embed, tokens, T, buf.x)
     for l in range(dims.n_layers):
         # attention block
         K.rmsnorm(buf.x, w.attn_norm[l], dims.rms_eps, T, buf.xn)
-        K.matmul(w.qkv, half, l, buf.xn, T, buf.qkv, buf.xsum, buf.wtiles)
+        K.matmul(w.qkv, l, buf.xn, T, buf.qkv, wt, act, fast)
         K.rope_and_store(buf.qkv, T, positions, token_seq, block_tables, l, k_cache, v_cache,
                          rope_cos, rope_sin, dims.n_heads, dims.n_kv_heads, dims.head_dim)
         K.attention(buf.qkv, T, positions, token_seq, block_tables, l, k_cache, v_cache,
                     dims.n_heads, dims.n_kv_heads, dims.head_dim, buf.scores, buf.att)
-        K.matmul(w.wo, half, l, buf.att, T, buf.tmp, buf.xsum, buf.wtiles)
+        K.matmul(w.wo, l, buf.att, T, buf.tmp, wt, act, fast)
         K.add_into(buf.x, buf.tmp, T)
         # feed-forward block
         K.rmsnorm(buf.x, w.ffn_norm[l], dims.rms_eps, T, buf.xn)
-        K.matmul(w.gate_up, half, l, buf.xn, T, buf.gate_up, buf.xsum, buf.wtiles)
+        K.matmul(w.gate_up, l, buf.xn, T, buf.gate_up, wt, act, fast)
         K.silu_mul(buf.gate_up, dims.d_ffn, T, buf.hidden)
-        K.matmul(w.down, half, l, buf.hidden, T, buf.tmp, buf.xsum, buf.wtiles)
+        K.matmul(w.down, l, buf.hidden, T, buf.tmp, wt, act, fast)
         K.add_into(buf.x, buf.tmp, T)
     R = logit_rows.size
     for i in range(R):
         buf.head_in[i] = buf.x[logit_rows[i]]
     K.rmsnorm(buf.head_in, w.out_norm, dims.rms_eps, R, buf.xn)
-    K.matmul(w.head, half, 0, buf.xn, R, logits, buf.xsum, buf.wtiles)
+    K.matmul(w.head, 0, buf.xn, R, logits, wt, act, fast)
 
 
 def rope_tables(context: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +92,14 @@ class Model:
     """A loaded model, its paged KV cache and step buffers. Call it from one thread only."""
 
     def __init__(self, path: str | Path, *, max_batch: int = 64, kv_blocks: int | None = None,
-                 block_size: int = 16, max_chunk: int = 512, threads: int | None = None):
+                 block_size: int = 16, max_chunk: int = 512, threads: int | None = None,
+                 numerics: str = "exact"):
+        """numerics: "exact" (float32 activations; logits within ~1e-5 of a float64 forward)
+        or "fast" (int8 activations per 32-block and integer dot products in the quantized
+        products, as llama.cpp). Either way a sequence's logits do not depend on the batch."""
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics={numerics!r}: expected one of {', '.join(NUMERICS)}")
+        self.numerics = numerics
         if threads:
             numba.set_num_threads(threads)
         t0 = time.perf_counter()
@@ -105,7 +115,8 @@ class Model:
                 raise UnsupportedModel(f"{name}={value} is not a multiple of 16")
         self.max_batch = max_batch
         self.max_chunk = max(max_chunk, max_batch)
-        self.dims = Dims(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ffn, cfg.rms_eps)
+        self.dims = Dims(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ffn, cfg.rms_eps,
+                         numerics == "fast")
         self.rope_cos, self.rope_sin = rope_tables(cfg.context_length, cfg.head_dim, cfg.rope_base)
         self.max_blocks_per_seq = -(-cfg.context_length // block_size)
         if kv_blocks is None:
@@ -134,7 +145,9 @@ class Model:
         return Buffers(
             x=f(T, cfg.d_model), xn=f(T, cfg.d_model), qkv=f(T, w.qkv.rows),
             att=f(T, cfg.d_model), tmp=f(T, cfg.d_model), gate_up=f(T, 2 * cfg.d_ffn),
-            hidden=f(T, cfg.d_ffn), head_in=f(T, cfg.d_model), xsum=f(T, max_cols // K.BLOCK),
+            hidden=f(T, cfg.d_ffn), head_in=f(T, cfg.d_model),
+            act=K.Act(np.zeros((T, max_cols), np.int8), f(T, 8 * max_cols // K.BLOCK),
+                      f(T, 4 * max_cols // K.BLOCK)),
             wtiles=f(threads, K.GEMM_TILE * max_cols),
             scores=f(threads, cfg.context_length),
         )
@@ -143,7 +156,7 @@ class Model:
 
     def _step(self, tokens, positions, token_seq, block_tables, logit_rows, logits):
         forward(tokens, positions, token_seq, block_tables, logit_rows, self.weights,
-                K.HALF_TO_FLOAT, self.rope_cos, self.rope_sin, self.kv.k, self.kv.v,
+                self.rope_cos, self.rope_sin, self.kv.k, self.kv.v,
                 self.dims, self.buffers, logits)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray) -> np.ndarray:

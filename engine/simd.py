@@ -200,105 +200,159 @@ def exp16(typingctx, s, off, shift, n_valid):
     return sig, codegen
 
 
-def _fold8(builder, v, n):
-    """Add the 8-lane quarters (or halves) of an n-lane vector: <n x float> -> <8 x float>."""
-    parts = [builder.shuffle_vector(v, v, ir.Constant(_vec(I32, 8), list(range(i, i + 8))))
-             for i in range(0, n, 8)]
-    out = parts[0]
-    for p in parts[1:]:
-        out = builder.fadd(out, p, flags=("fast",))
-    return out
+# --------------------------------------------------------------------------------------------
+# Exact-mode weight products: one arithmetic for every path (batch invariance)
+#
+# Every (row, token) dot is: for each 32-block b in order, w = the block dequantized to two
+# 16-lane float vectors (Q4: fma(q, d, m); Q8: q * d; F16/F32: converted), then
+# acc = fma(w_lo, x_lo, acc); acc = fma(w_hi, x_hi, acc); at the end one fixed horizontal-sum
+# tree. The matrix-vector kernels dequantize in registers, the matrix path dequantizes a tile
+# once (with the same IR) and runs the same fmas from it: so a token's logits are the same bits
+# whatever the batch, the chunking or the path. Explicit llvm.fma and no fast-math flags, so
+# LLVM cannot reassociate differently in different callers.
+
+FMTS = ("q4", "q8", "f16", "f32")
 
 
-def _rows_codegen(fmt, n_tok):
-    """Codegen for dot_q4_x{n} / dot_q8_x{n}: one weight row against n_tok tokens at once. The
-    row's block is unpacked to floats once and used for every token (weights read once per step)."""
+def _fma(builder, a, b, c):
+    n = a.type.count
+    vf = _vec(F32, n)
+    name = f"llvm.fma.v{n}f32"
+    mod = builder.module
+    fn = mod.globals.get(name) or ir.Function(mod, ir.FunctionType(vf, [vf, vf, vf]), name=name)
+    return builder.call(fn, [a, b, c])
+
+
+def _tree_sum(builder, v):
+    """Horizontal sum in a fixed order: halves added pairwise until one lane is left."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(_vec(I32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(_vec(I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def _halves(builder, fmt, w_ptr, s_ptr, row_w, row_s, b):
+    """Block b of a weight row as two <16 x float> (elements 0-15, 16-31). row_w / row_s: the
+    row's first element index in w / s."""
+    v16f = _vec(F32, 16)
+    c = lambda v: ir.Constant(I64, v)  # noqa: E731
+    if fmt == "q4":
+        raw = _load_vec(builder, w_ptr, builder.add(row_w, builder.mul(b, c(16))), _vec(I8, 16))
+        lo = builder.uitofp(builder.and_(raw, ir.Constant(_vec(I8, 16), [15] * 16)), v16f)
+        hi = builder.uitofp(builder.lshr(raw, ir.Constant(_vec(I8, 16), [4] * 16)), v16f)
+        two_b = builder.add(row_s, builder.mul(b, c(2)))
+        d = _splat(builder, _half_at(builder, s_ptr, two_b), 16)
+        m = _splat(builder, _half_at(builder, s_ptr, builder.add(two_b, c(1))), 16)
+        return _fma(builder, lo, d, m), _fma(builder, hi, d, m)
+    o = builder.add(row_w, builder.mul(b, c(32)))
+    if fmt == "q8":
+        d = _splat(builder, _half_at(builder, s_ptr, builder.add(row_s, b)), 16)
+        return tuple(builder.fmul(builder.sitofp(_load_vec(builder, w_ptr, builder.add(o, c(k)), _vec(I8, 16)), v16f), d)
+                     for k in (0, 16))
+    if fmt == "f16":
+        return tuple(builder.fpext(builder.bitcast(_load_vec(builder, w_ptr, builder.add(o, c(k)), _vec(I16, 16)),
+                                                   _vec(HALF, 16)), v16f) for k in (0, 16))
+    return tuple(_load_vec(builder, w_ptr, builder.add(o, c(k)), v16f) for k in (0, 16))
+
+
+def _i64(builder, v):
+    return builder.sext(v, I64) if v.type.width < 64 else v
+
+
+def _n_blocks(builder, fmt, row_len):
+    return builder.udiv(row_len, ir.Constant(I64, 16 if fmt == "q4" else 32))
+
+
+def _exact_codegen(fmt, R, T):
+    """out[t0+j, or0+i] = W[wr0+i] . x[t0+j] for i < R (stored when or0+i < r_end), j < T."""
 
     def codegen(context, builder, signature, args):
-        if fmt == "q4":
-            qt, st, xt, _, xst, ot, _ = signature.args
-            q, s, x, t0, xs, out, r = args
-        else:
-            qt, st, xt, _, ot, _ = signature.args
-            q, s, x, t0, out, r = args
-        q_ptr = _data(context, builder, qt, q)
-        s_ptr = _data(context, builder, st, s)
-        x_ptr = _data(context, builder, xt, x)
-        o_ptr = _data(context, builder, ot, out)
-        xs_ptr = _data(context, builder, xst, xs) if fmt == "q4" else None
-        x_row = _shape(context, builder, xt, x, 1)
-        o_row = _shape(context, builder, ot, out, 1)
-        xs_row = _shape(context, builder, xst, xs, 1) if fmt == "q4" else None
-        nitems = context.make_array(qt)(context, builder, q).nitems
-        n_blocks = builder.udiv(nitems, ir.Constant(I64, 16 if fmt == "q4" else 32))
-        v16f, v32f, v8f = _vec(F32, 16), _vec(F32, 32), _vec(F32, 8)
-        fl = ("fast",)
-        tok = [builder.add(t0, ir.Constant(I64, i)) for i in range(n_tok)]
-        x_base = [builder.mul(t, x_row) for t in tok]
+        wt, st, _, xt, _, ot, _, _ = signature.args
+        w, s, wr0, x, t0, out, or0, r_end = args
+        wr0, t0, or0, r_end = (_i64(builder, v) for v in (wr0, t0, or0, r_end))
+        w_ptr, s_ptr = _data(context, builder, wt, w), _data(context, builder, st, s)
+        x_ptr, o_ptr = _data(context, builder, xt, x), _data(context, builder, ot, out)
+        w_row, s_row = _shape(context, builder, wt, w, 1), _shape(context, builder, st, s, 1)
+        x_row, o_row = _shape(context, builder, xt, x, 1), _shape(context, builder, ot, out, 1)
+        c = lambda v: ir.Constant(I64, v)  # noqa: E731
+        rows = [builder.add(wr0, c(i)) for i in range(R)]
+        x_base = [builder.mul(builder.add(t0, c(j)), x_row) for j in range(T)]
 
         def body(b, accs):
-            new = []
-            if fmt == "q4":
-                raw = _load_vec(builder, q_ptr, builder.mul(b, ir.Constant(I64, 16)), _vec(I8, 16))
-                lo = builder.uitofp(builder.and_(raw, ir.Constant(_vec(I8, 16), [15] * 16)), v16f)
-                hi = builder.uitofp(builder.lshr(raw, ir.Constant(_vec(I8, 16), [4] * 16)), v16f)
-                two_b = builder.mul(b, ir.Constant(I64, 2))
-                d = _splat(builder, _half_at(builder, s_ptr, two_b), 8)
-                m = _half_at(builder, s_ptr, builder.add(two_b, ir.Constant(I64, 1)))
-            else:
-                raw = _load_vec(builder, q_ptr, builder.mul(b, ir.Constant(I64, 32)), _vec(I8, 32))
-                qf = builder.sitofp(raw, v32f)
-                d = _splat(builder, _half_at(builder, s_ptr, b), 8)
-            xo = builder.mul(b, ir.Constant(I64, 32))
-            for i in range(n_tok):
-                base = builder.add(x_base[i], xo)
-                if fmt == "q4":
-                    xl = _load_vec(builder, x_ptr, base, v16f)
-                    xh = _load_vec(builder, x_ptr, builder.add(base, ir.Constant(I64, 16)), v16f)
-                    t = builder.fadd(builder.fmul(lo, xl, flags=fl), builder.fmul(hi, xh, flags=fl), flags=fl)
-                    t = _fold8(builder, t, 16)
-                else:
-                    t = _fold8(builder, builder.fmul(qf, _load_vec(builder, x_ptr, base, v32f), flags=fl), 32)
-                acc = builder.fadd(accs[2 * i], builder.fmul(t, d, flags=fl), flags=fl)
-                macc = accs[2 * i + 1]
-                if fmt == "q4":
-                    xsb = builder.load(builder.gep(xs_ptr, [builder.add(builder.mul(tok[i], xs_row), b)]))
-                    macc = builder.fadd(macc, builder.fmul(m, xsb, flags=fl), flags=fl)
-                new += [acc, macc]
+            ws = [_halves(builder, fmt, w_ptr, s_ptr, builder.mul(r, w_row), builder.mul(r, s_row), b)
+                  for r in rows]
+            new = list(accs)
+            for j in range(T):
+                o = builder.add(x_base[j], builder.mul(b, c(32)))
+                xlo = _load_vec(builder, x_ptr, o, _vec(F32, 16))
+                xhi = _load_vec(builder, x_ptr, builder.add(o, c(16)), _vec(F32, 16))
+                for i in range(R):
+                    k = i * T + j
+                    new[k] = _fma(builder, ws[i][1], xhi, _fma(builder, ws[i][0], xlo, new[k]))
             return new
 
-        zero8, zero = ir.Constant(v8f, [0.0] * 8), ir.Constant(F32, 0.0)
-        accs = _block_loop(builder, n_blocks, body, [zero8, zero] * n_tok)
-        for i in range(n_tok):
-            total = builder.fadd(_hsum(builder, accs[2 * i], 8), accs[2 * i + 1])
-            builder.store(total, builder.gep(o_ptr, [builder.add(builder.mul(tok[i], o_row), r)]))
+        zero = ir.Constant(_vec(F32, 16), [0.0] * 16)
+        accs = _block_loop(builder, _n_blocks(builder, fmt, w_row), body, [zero] * (R * T))
+        for i in range(R):
+            col = builder.add(or0, c(i))
+            with builder.if_then(builder.icmp_signed("<", col, r_end)):
+                for j in range(T):
+                    dst = builder.add(builder.mul(builder.add(t0, c(j)), o_row), col)
+                    builder.store(_tree_sum(builder, accs[i * T + j]), builder.gep(o_ptr, [dst]))
         return context.get_dummy_value()
 
     return codegen
 
 
-@intrinsic
-def dot_q4_x1(typingctx, q, s, x, t0, xsum, out, r):
-    """out[t0, r] = Q4 row . x[t0] (the single-sequence decode step)."""
-    return types.void(q, s, x, t0, xsum, out, r), _rows_codegen("q4", 1)
+def _exact(fmt, R, T):
+    def dot(typingctx, w, s, wr0, x, t0, out, or0, r_end):
+        return types.void(w, s, wr0, x, t0, out, or0, r_end), _exact_codegen(fmt, R, T)
+
+    dot.__name__ = dot.__qualname__ = f"dot_{fmt}_{R}x{T}"
+    return intrinsic(dot)
 
 
-@intrinsic
-def dot_q8_x1(typingctx, q, s, x, t0, out, r):
-    """out[t0, r] = Q8 row . x[t0]."""
-    return types.void(q, s, x, t0, out, r), _rows_codegen("q8", 1)
+# dot_<fmt>_<R>x<T>(w, s, wr0, x, t0, out, or0, r_end): w, s one layer's [rows, ...] values and
+# scales; R rows from wr0 against T tokens from t0, into out[t, or0 + i] while or0 + i < r_end.
+dot_q4_4x4, dot_q4_4x1, dot_q4_1x1 = _exact("q4", 4, 4), _exact("q4", 4, 1), _exact("q4", 1, 1)
+dot_q8_4x4, dot_q8_4x1, dot_q8_1x1 = _exact("q8", 4, 4), _exact("q8", 4, 1), _exact("q8", 1, 1)
+dot_f16_4x4, dot_f16_4x1, dot_f16_1x1 = _exact("f16", 4, 4), _exact("f16", 4, 1), _exact("f16", 1, 1)
+dot_f32_4x4, dot_f32_4x1, dot_f32_1x1 = _exact("f32", 4, 4), _exact("f32", 4, 1), _exact("f32", 1, 1)
 
 
-@intrinsic
-def dot_q4_x4(typingctx, q, s, x, t0, xsum, out, r):
-    """out[t0+i, r] = Q4 row . x[t0+i] for i < 4 (x, xsum, out are [tokens, ...] arrays)."""
-    return types.void(q, s, x, t0, xsum, out, r), _rows_codegen("q4", 4)
+def _dequant(fmt):
+    def dequant(typingctx, w, s, r, out):
+        def codegen(context, builder, signature, args):
+            wt, st, _, ot = signature.args
+            w, s, r, out = args
+            r = _i64(builder, r)
+            w_ptr, s_ptr = _data(context, builder, wt, w), _data(context, builder, st, s)
+            o_ptr = _data(context, builder, ot, out)
+            w_row, s_row = _shape(context, builder, wt, w, 1), _shape(context, builder, st, s, 1)
+
+            def body(b, accs):
+                halves = _halves(builder, fmt, w_ptr, s_ptr, builder.mul(r, w_row), builder.mul(r, s_row), b)
+                o = builder.mul(b, ir.Constant(I64, 32))
+                for v, k in zip(halves, (0, 16)):
+                    p = builder.gep(o_ptr, [builder.add(o, ir.Constant(I64, k))])
+                    builder.store(v, builder.bitcast(p, _vec(F32, 16).as_pointer()), align=1)
+                return []
+
+            _block_loop(builder, _n_blocks(builder, fmt, w_row), body, [])
+            return context.get_dummy_value()
+
+        return types.void(w, s, r, out), codegen
+
+    dequant.__name__ = dequant.__qualname__ = f"dequant_{fmt}"
+    return intrinsic(dequant)
 
 
-@intrinsic
-def dot_q8_x4(typingctx, q, s, x, t0, out, r):
-    """out[t0+i, r] = Q8 row . x[t0+i] for i < 4."""
-    return types.void(q, s, x, t0, out, r), _rows_codegen("q8", 4)
+# dequant_<fmt>(w, s, r, out): out[:cols] = row r of w as float32, through the same block
+# dequantization as the dots (the matrix path's tile, the embedding lookup).
+dequant_q4, dequant_q8, dequant_f16 = _dequant("q4"), _dequant("q8"), _dequant("f16")
 
 
 @intrinsic
@@ -317,63 +371,6 @@ def silu_mul16(typingctx, gate_up, k0, d_ffn, out):
         silu = builder.fdiv(gate, builder.fadd(one, e))
         p = builder.gep(_data(context, builder, ot, args[3]), [args[1]])
         builder.store(builder.fmul(silu, up), builder.bitcast(p, vf.as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-
-@intrinsic
-def dequant_row(typingctx, q, s, out, fmt_q4):
-    """out[:cols] = one Q4 (fmt_q4 true: nibbles, (d, m) pairs) or Q8 (int8, d) row as float32,
-    a block (32 values) per vector step."""
-    sig = types.void(q, s, out, fmt_q4)
-
-    def codegen(context, builder, signature, args):
-        qt, st, ot, _ = signature.args
-        q_ptr = _data(context, builder, qt, args[0])
-        s_ptr = _data(context, builder, st, args[1])
-        o_ptr = _data(context, builder, ot, args[2])
-        nitems = context.make_array(qt)(context, builder, args[0]).nitems
-        v16f, v32f = _vec(F32, 16), _vec(F32, 32)
-        fl = ("fast",)
-        is_q4 = args[3]
-        q4_blk = builder.append_basic_block("q4")
-        q8_blk = builder.append_basic_block("q8")
-        end = builder.append_basic_block("end")
-        builder.cbranch(is_q4, q4_blk, q8_blk)
-
-        builder.position_at_end(q4_blk)
-
-        def body4(b, accs):
-            raw = _load_vec(builder, q_ptr, builder.mul(b, ir.Constant(I64, 16)), _vec(I8, 16))
-            lo = builder.uitofp(builder.and_(raw, ir.Constant(_vec(I8, 16), [15] * 16)), v16f)
-            hi = builder.uitofp(builder.lshr(raw, ir.Constant(_vec(I8, 16), [4] * 16)), v16f)
-            two_b = builder.mul(b, ir.Constant(I64, 2))
-            d = _splat(builder, _half_at(builder, s_ptr, two_b), 16)
-            m = _splat(builder, _half_at(builder, s_ptr, builder.add(two_b, ir.Constant(I64, 1))), 16)
-            o = builder.mul(b, ir.Constant(I64, 32))
-            for part, off in ((lo, 0), (hi, 16)):
-                v = builder.fadd(builder.fmul(part, d, flags=fl), m, flags=fl)
-                p = builder.gep(o_ptr, [builder.add(o, ir.Constant(I64, off))])
-                builder.store(v, builder.bitcast(p, v16f.as_pointer()), align=1)
-            return []
-
-        _block_loop(builder, builder.udiv(nitems, ir.Constant(I64, 16)), body4, [])
-        builder.branch(end)
-
-        builder.position_at_end(q8_blk)
-
-        def body8(b, accs):
-            o = builder.mul(b, ir.Constant(I64, 32))
-            qf = builder.sitofp(_load_vec(builder, q_ptr, o, _vec(I8, 32)), v32f)
-            v = builder.fmul(qf, _splat(builder, _half_at(builder, s_ptr, b), 32), flags=fl)
-            builder.store(v, builder.bitcast(builder.gep(o_ptr, [o]), v32f.as_pointer()), align=1)
-            return []
-
-        _block_loop(builder, builder.udiv(nitems, ir.Constant(I64, 32)), body8, [])
-        builder.branch(end)
-        builder.position_at_end(end)
         return context.get_dummy_value()
 
     return sig, codegen

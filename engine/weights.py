@@ -41,12 +41,12 @@ def _repack(t: gguf.ReaderTensor) -> tuple[int, np.ndarray, np.ndarray]:
             f"tensor {t.name} has format {t.tensor_type.name}; supported: Q4_0, Q4_1, Q8_0, F16, F32"
         )
     cols, rows = int(t.shape[0]), int(t.shape[1])
+    if cols % BLOCK:  # every format's dot works a 32-block at a time
+        raise UnsupportedModel(f"tensor {t.name}: {cols} columns is not a multiple of {BLOCK}")
     if t.tensor_type == T.F32:
         return F32, np.ascontiguousarray(np.asarray(t.data, np.float32).reshape(rows, cols)), None
     if t.tensor_type == T.F16:
         return F16, np.ascontiguousarray(np.asarray(t.data).view(np.uint16).reshape(rows, cols)), None
-    if cols % BLOCK:
-        raise UnsupportedModel(f"tensor {t.name}: {cols} columns is not a multiple of {BLOCK}")
     nb = cols // BLOCK
     raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, nb, -1)
     if t.tensor_type == T.Q8_0:  # d, 32 x int8
