@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--realtime-streaming", action="store_true", default=None,
                    help="run the threads that stream tokens under SCHED_RR so they never wait for a core "
                         "behind the compute (needs CAP_SYS_NICE; cuts the p99 ITL overhead on small machines)")
+    p.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="default num_speculative_tokens of a request that leaves it unset: draft up "
+                        "to K tokens per step by prompt lookup (default 0 = off; [0, 16])")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=serve_cmd)
@@ -89,7 +92,12 @@ def serve_cmd(args: argparse.Namespace) -> int:
         engine_nice=pick(args.engine_nice, "engine_nice", 5),
         engine_sched_idle=bool(pick(args.engine_sched_idle, "engine_sched_idle", False)),
         realtime_streaming=bool(pick(args.realtime_streaming, "realtime_streaming", False)),
+        speculate=pick(args.speculate, "speculate", 0),
     )
+    if not 0 <= options.speculate <= 16:
+        print(f"wafer serve: error: --speculate {options.speculate} must be in [0, 16] (0 = off)",
+              file=sys.stderr)
+        return 2
     if args.pace is not None and not options.emulate and not any(e.emulate for e in registry.served()):
         print("wafer serve: warning: --pace has no effect without --emulate (or a model's emulate)",
               file=sys.stderr)

@@ -157,11 +157,12 @@ class Speculator:
     # ---------------------------------------------------------------- the acceptance rule
 
     def accept(self, policy, logits: np.ndarray, picks: np.ndarray, tokens: np.ndarray, n: int,
-               k: int) -> tuple[int, int, str | None]:
+               k: int, texts: list | None = None) -> tuple[int, int, str | None]:
         """Verify ``k`` drafts of the sequence ``tokens[:n]`` against its rows' ``logits`` [k + 1]
         (``picks``: their argmax). Emitted tokens are written to ``tokens[n:]`` one by one, each
-        checked by ``policy.finish_reason`` (nothing is emitted after a stop). Returns (tokens
-        emitted, drafts accepted, finish reason or None)."""
+        checked by ``policy.finish_reason`` (nothing is emitted after a stop); ``texts`` gets
+        each one's ``policy.text``. Returns (tokens emitted, drafts accepted, finish reason or
+        None)."""
         drafts = self.drafts
         sampled = not policy.sampler.params.greedy
         emitted = accepted = 0
@@ -180,6 +181,8 @@ class Speculator:
             tokens[n + i] = tok
             emitted += 1
             reason = policy.finish_reason(tok, n + i + 1)
+            if texts is not None:
+                texts.append(policy.text)
             if tok != x or reason is not None:
                 if tok == x:
                     accepted += 1

@@ -18,3 +18,4 @@ class ServerOptions:
     engine_nice: int = 0              # niceness of the engine thread and the compute threads it starts
     engine_sched_idle: bool = False   # those threads under SCHED_IDLE instead (no privilege needed)
     realtime_streaming: bool = False  # the threads that stream tokens under SCHED_RR (needs privilege)
+    speculate: int = 0                # num_speculative_tokens of a request that leaves it unset

@@ -13,6 +13,7 @@ serves smollm2-135m. Example::
     engine_nice = 5                    # niceness of the compute threads
     engine_sched_idle = false          # compute threads under SCHED_IDLE instead (see README)
     realtime_streaming = false         # streaming threads under SCHED_RR (needs CAP_SYS_NICE)
+    speculate = 0                      # default num_speculative_tokens (prompt lookup; 0 = off)
 
     [[models]]
     name = "smollm2-135m"
@@ -157,6 +158,7 @@ SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "metrics_port": (int,), "grace_s": (int, float),
     "session_idle_timeout_s": (int, float), "emulate": (str,), "pace": (str,), "threads": (int,),
     "engine_nice": (int,), "engine_sched_idle": (bool,), "realtime_streaming": (bool,),
+    "speculate": (int,),
 }
 SERVER_LIMITS = {  # key -> (check, what it must be)
     "port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
@@ -165,6 +167,7 @@ SERVER_LIMITS = {  # key -> (check, what it must be)
     "session_idle_timeout_s": (lambda v: v > 0, "> 0"),
     "threads": (lambda v: v >= 1, ">= 1"),
     "engine_nice": (lambda v: 0 <= v <= 19, "in [0, 19]"),
+    "speculate": (lambda v: 0 <= v <= 16, "in [0, 16] (0 = off)"),
     "pace": _PACE,
 }
 TOP_LEVEL_KEYS = ("default", "server", "models")
