@@ -22,7 +22,8 @@ FINISH_ERROR = "error"
 class TokenEvent:
     token_id: int
     step_ns: int          # engine compute since this sequence's previous token (decode + the prefill
-                          # interleaved before it); for the first token, the request's prefill time
+                          # interleaved before it); for the first token, the request's prefill time;
+                          # the tokens of one speculative verify pass each carry that pass's
     batch_size: int       # sequences in that decode step (1 for a token from prefill)
     t_ns: int             # monotonic time the engine produced it
     logprob: float | None = None
@@ -86,8 +87,7 @@ def iter_events(items):
                 k = ev.spec[i]
                 for j, t in enumerate(tok):
                     lp, top = lps[i][j] if lps and i in lps else (None, None)
-                    yield r, TokenEvent(t, step_ns if j == 0 else 0, ev.batch_size, ev.t_ns, lp,
-                                        top, 0, k, j)
+                    yield r, TokenEvent(t, step_ns, ev.batch_size, ev.t_ns, lp, top, 0, k, j)
                 continue
             yield r, TokenEvent(tok, step_ns, ev.batch_size, ev.t_ns, lp, top)
 
