@@ -25,8 +25,10 @@ Stop conditions are checked token by token over the emitted tokens: nothing past
 
 Adaptive (:class:`Speculator`): per sequence, a decayed count of accepted and rejected drafts
 estimates the per-token acceptance ``a``; each step drafts the ``k`` (at most the request's)
-that maximises expected tokens per cost, ``(1 - a^(k+1)) / (1 - a)`` over ``1 + VERIFY_ROW_COST
-* k``. When no ``k`` gains ``MIN_GAIN``, the sequence stops speculating for a back-off that
+that maximises the expected tokens beyond plain decoding, ``(1 - a^(k+1)) / (1 - a) - 1``,
+less what its k rows cost the step's sequences (:meth:`Speculator.plan`: little alone, much in
+a big batch, where a step is no longer bound by reading the weights). When no ``k`` gains
+``MIN_GAIN - 1`` tokens, the sequence stops speculating for a back-off that
 doubles (``PAUSE_MIN`` .. ``PAUSE_MAX`` steps) and then probes once with its full ``k``: free
 writing, where lookups rarely hit, pays almost nothing.
 """
@@ -111,8 +113,12 @@ class Speculator:
 
     # ---------------------------------------------------------------- when and how much
 
-    def plan(self) -> int:
-        """How many drafts to ask for this step (0: not now)."""
+    def plan(self, batch: int = 1) -> int:
+        """How many drafts to ask for this step (0: not now), in a decode step of ``batch``
+        sequences: a step costs about 1 + VERIFY_ROW_COST per row beyond the first, and its
+        extra rows delay every sequence in it, so k drafts cost k * beta tokens with
+        beta = batch * VERIFY_ROW_COST / (1 + VERIFY_ROW_COST * (batch - 1)); k must gain more
+        expected tokens than that (by a margin, MIN_GAIN - 1 of a token per step)."""
         if self.pause:
             self.pause -= 1
             if self.pause == 0:
@@ -121,21 +127,23 @@ class Speculator:
         if self.probe:
             return self.k_max
         a = self.acc / (self.acc + self.rej)
-        best_k, best = 0, 1.0
+        beta = batch * VERIFY_ROW_COST / (1.0 + VERIFY_ROW_COST * (batch - 1))
+        best_k, best = 0, 0.0
         for k in range(1, self.k_max + 1):
-            gain = expected_tokens(a, k) / (1.0 + VERIFY_ROW_COST * k)
+            gain = expected_tokens(a, k) - 1.0 - beta * k  # tokens per step beyond plain decoding
             if gain > best:
                 best_k, best = k, gain
-        if best < MIN_GAIN:
+        if best < MIN_GAIN - 1.0:
             self.pause = self.backoff
             self.backoff = min(2 * self.backoff, PAUSE_MAX)
             return 0
         return best_k
 
-    def draft(self, tokens: np.ndarray, n: int, room: int) -> int:
+    def draft(self, tokens: np.ndarray, n: int, room: int, batch: int = 1) -> int:
         """Drafts for the sequence ``tokens[:n]`` into ``self.drafts``, at most ``room - 1`` (the
-        step emits one token more than it accepts); 0 = decode one token plainly."""
-        k = min(self.plan(), room - 1)
+        step emits one token more than it accepts), in a step of ``batch`` sequences; 0 =
+        decode one token plainly."""
+        k = min(self.plan(batch), room - 1)
         if k <= 0:
             return 0
         return propose(tokens, n, self.min_n, self.max_n, k, self.drafts)
