@@ -29,8 +29,8 @@ that maximises the expected tokens beyond plain decoding, ``(1 - a^(k+1)) / (1 -
 less what its k rows cost the step's sequences (:meth:`Speculator.plan`: little alone, much in
 a big batch, where a step is no longer bound by reading the weights). When no ``k`` gains
 ``MIN_GAIN - 1`` tokens, the sequence stops speculating for a back-off that
-doubles (``PAUSE_MIN`` .. ``PAUSE_MAX`` steps) and then probes once with its full ``k``: free
-writing, where lookups rarely hit, pays almost nothing.
+doubles (``PAUSE_MIN`` .. ``PAUSE_MAX`` steps) and then probes once with ``PROBE_DRAFTS``
+drafts: free writing, where lookups rarely hit, pays almost nothing.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ from engine.sampling import _draw  # the one-draw routine Sampler uses
 
 __all__ = ["propose", "Speculator", "VERIFY_ROW_COST"]
 
-VERIFY_ROW_COST = 0.12  # a verify row's cost relative to a one-row decode step (SmolLM2-135M, 2
-                        # cores, exact numerics: 5 rows ~1.5x one row; benches/bench_speculation.py)
-MIN_GAIN = 1.05         # expected tokens per cost below this: stop speculating for a while
+VERIFY_ROW_COST = 0.3   # a verify row's cost relative to a one-row decode step (SmolLM2-135M, 2
+                        # cores, exact numerics: 4 rows ~1.9x one row, 6 rows (the matrix path)
+                        # ~3.4x; benches/bench_speculation.py, 2026-12-06)
+MIN_GAIN = 1.15         # expected tokens per step (less the draft rows' cost) below this: stop
+                        # speculating for a while
+PROBE_DRAFTS = 2        # drafts of the step that probes again after a pause (cheap rows)
 DECAY = 0.7             # weight of the past in the acceptance estimate, per speculative step
 PAUSE_MIN, PAUSE_MAX = 4, 64  # steps without speculation after a failing estimate (doubling)
 PRIOR_ACCEPTED, PRIOR_REJECTED = 2.0, 1.0  # the estimate before any step: a = 2/3
@@ -118,18 +121,28 @@ class Speculator:
         sequences: a step costs about 1 + VERIFY_ROW_COST per row beyond the first, and its
         extra rows delay every sequence in it, so k drafts cost k * beta tokens with
         beta = batch * VERIFY_ROW_COST / (1 + VERIFY_ROW_COST * (batch - 1)); k must gain more
-        expected tokens than that (by a margin, MIN_GAIN - 1 of a token per step)."""
+        expected tokens than that (by a margin, MIN_GAIN - 1 of a token per step). A batch that
+        already takes the matrix path (GEMV_MAX_TOKENS rows or more) does not speculate: that
+        path is compute-bound on the CPU, a draft row costs about what a token does (measured
+        0.83-0.89x aggregate at 16 streams when it did)."""
+        if batch >= K.GEMV_MAX_TOKENS:
+            return 0
         if self.pause:
             self.pause -= 1
             if self.pause == 0:
                 self.probe = True
             return 0
         if self.probe:
-            return self.k_max
+            return min(self.k_max, PROBE_DRAFTS)
         a = self.acc / (self.acc + self.rej)
         beta = batch * VERIFY_ROW_COST / (1.0 + VERIFY_ROW_COST * (batch - 1))
         best_k, best = 0, 0.0
-        for k in range(1, self.k_max + 1):
+        # a step of up to GEMV_MAX_TOKENS rows stays on the matrix-vector kernels; past them the
+        # matrix path costs several one-row steps (engine/kernels.py): a small batch stays there
+        k_max = self.k_max
+        if batch < K.GEMV_MAX_TOKENS:
+            k_max = min(k_max, K.GEMV_MAX_TOKENS - batch)
+        for k in range(1, k_max + 1):
             gain = expected_tokens(a, k) - 1.0 - beta * k  # tokens per step beyond plain decoding
             if gain > best:
                 best_k, best = k, gain
@@ -137,6 +150,7 @@ class Speculator:
             self.pause = self.backoff
             self.backoff = min(2 * self.backoff, PAUSE_MAX)
             return 0
+        self.backoff = PAUSE_MIN  # speculation pays: the next pause starts short again
         return best_k
 
     def draft(self, tokens: np.ndarray, n: int, room: int, batch: int = 1) -> int:
@@ -157,10 +171,7 @@ class Speculator:
             self.per_pos[i] += 1
         self.acc = DECAY * self.acc + accepted
         self.rej = DECAY * self.rej + (1.0 if accepted < k else 0.0)
-        if self.probe:
-            self.probe = False
-            if accepted:
-                self.backoff = PAUSE_MIN
+        self.probe = False
 
     # ---------------------------------------------------------------- the acceptance rule
 
