@@ -54,13 +54,13 @@ def test_adaptive_speculation_backs_off_when_drafts_fail_and_probes_again():
         if plans[-1]:
             sp.record(plans[-1], 0)
     assert plans.count(0) >= 50          # mostly paused, the pauses growing
-    assert 2 in plans[20:]               # but probes (PROBE_DRAFTS drafts) now and then
+    assert 3 in plans[20:]               # but probes (3 drafts: 4 rows, the cheapest) now and then
     later = []
     for _ in range(80):  # now the drafts are accepted: after the next probe it keeps speculating
         later.append(sp.plan())
         if later[-1]:
             sp.record(later[-1], later[-1])
-    assert later[-10:] == [4] * 10
+    assert later[-10:] == [3] * 10      # 4 rows: one pass of the 4-row kernels
     assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 3) == 4
 
 

@@ -235,7 +235,8 @@ class SchedulerCore:
             if sp is None or budget <= total:
                 continue
             n = seq.n_tokens
-            k = sp.draft(seq.tokens, n, min(seq.policy.end - n, budget - total + 1), len(seqs))
+            k = sp.draft(seq.tokens, n, min(seq.policy.end - n, budget - total + 1), len(seqs),
+                         len(seqs) + total)
             if not k:
                 continue
             have = len(seq.blocks)

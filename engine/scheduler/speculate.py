@@ -25,12 +25,10 @@ Stop conditions are checked token by token over the emitted tokens: nothing past
 
 Adaptive (:class:`Speculator`): per sequence, a decayed count of accepted and rejected drafts
 estimates the per-token acceptance ``a``; each step drafts the ``k`` (at most the request's)
-that maximises the expected tokens beyond plain decoding, ``(1 - a^(k+1)) / (1 - a) - 1``,
-less what its k rows cost the step's sequences (:meth:`Speculator.plan`: little alone, much in
-a big batch, where a step is no longer bound by reading the weights). When no ``k`` gains
-``MIN_GAIN - 1`` tokens, the sequence stops speculating for a back-off that
-doubles (``PAUSE_MIN`` .. ``PAUSE_MAX`` steps) and then probes once with ``PROBE_DRAFTS``
-drafts: free writing, where lookups rarely hit, pays almost nothing.
+that maximises the expected tokens per time, ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens for a
+step that costs ``STEP_COST`` of its rows (measured; :meth:`Speculator.plan`). When no ``k``
+gains ``MIN_GAIN``, the sequence stops speculating for a back-off that
+doubles (``PAUSE_MIN`` .. ``PAUSE_MAX`` steps) and then probes once with the cheapest drafts: free writing, where lookups rarely hit, pays almost nothing.
 """
 
 from __future__ import annotations
@@ -40,14 +38,17 @@ import numpy as np
 from engine import kernels as K
 from engine.sampling import _draw  # the one-draw routine Sampler uses
 
-__all__ = ["propose", "Speculator", "VERIFY_ROW_COST"]
+__all__ = ["propose", "Speculator", "STEP_COST"]
 
-VERIFY_ROW_COST = 0.3   # a verify row's cost relative to a one-row decode step (SmolLM2-135M, 2
-                        # cores, exact numerics: 4 rows ~1.9x one row, 6 rows (the matrix path)
-                        # ~3.4x; benches/bench_speculation.py, 2026-12-06)
-MIN_GAIN = 1.15         # expected tokens per step (less the draft rows' cost) below this: stop
+# A decode step's time by its rows, relative to one row (SmolLM2-135M, exact numerics, 2 cores,
+# min of 25, 2026-12-06: 5.0 / 10.7 / 14.6 / 7.6 / 11.0 ms). The matrix-vector kernels take rows
+# four at a time (4 rows: one pass over the weights) and the rest one at a time, so 4 rows cost
+# less than 2 or 3; from GEMV_MAX_TOKENS + 1 rows on, the matrix path is compute-bound (6 rows
+# 16.0 ms) and a draft row costs about what a token does: no speculation there. Re-measure when
+# the kernels change (benches/bench_speculation.py reports the outcome).
+STEP_COST = (1.0, 2.1, 2.9, 1.52, 2.2)
+MIN_GAIN = 1.05         # expected tokens per time, relative to plain decoding, below this: stop
                         # speculating for a while
-PROBE_DRAFTS = 2        # drafts of the step that probes again after a pause (cheap rows)
 DECAY = 0.7             # weight of the past in the acceptance estimate, per speculative step
 PAUSE_MIN, PAUSE_MAX = 4, 64  # steps without speculation after a failing estimate (doubling)
 PRIOR_ACCEPTED, PRIOR_REJECTED = 2.0, 1.0  # the estimate before any step: a = 2/3
@@ -116,48 +117,44 @@ class Speculator:
 
     # ---------------------------------------------------------------- when and how much
 
-    def plan(self, batch: int = 1) -> int:
+    def plan(self, batch: int = 1, rows: int | None = None) -> int:
         """How many drafts to ask for this step (0: not now), in a decode step of ``batch``
-        sequences: a step costs about 1 + VERIFY_ROW_COST per row beyond the first, and its
-        extra rows delay every sequence in it, so k drafts cost k * beta tokens with
-        beta = batch * VERIFY_ROW_COST / (1 + VERIFY_ROW_COST * (batch - 1)); k must gain more
-        expected tokens than that (by a margin, MIN_GAIN - 1 of a token per step). A batch that
-        already takes the matrix path (GEMV_MAX_TOKENS rows or more) does not speculate: that
-        path is compute-bound on the CPU, a draft row costs about what a token does (measured
-        0.83-0.89x aggregate at 16 streams when it did)."""
-        if batch >= K.GEMV_MAX_TOKENS:
+        sequences with ``rows`` rows planned so far (default ``batch``): the ``k`` that
+        maximises the step's expected tokens per time, ``(batch - 1 + E(k)) / STEP_COST[rows + k]``
+        against ``batch / STEP_COST[rows]``, if that gains MIN_GAIN; after a pause, a probe
+        with the drafts that are cheapest per draft."""
+        rows = batch if rows is None else rows
+        top = len(STEP_COST)
+        if rows >= top:
             return 0
         if self.pause:
             self.pause -= 1
             if self.pause == 0:
                 self.probe = True
             return 0
+        ks = range(1, min(self.k_max, top - rows) + 1)
         if self.probe:
-            return min(self.k_max, PROBE_DRAFTS)
+            return max(ks, key=lambda k: k / STEP_COST[rows + k - 1])
         a = self.acc / (self.acc + self.rej)
-        beta = batch * VERIFY_ROW_COST / (1.0 + VERIFY_ROW_COST * (batch - 1))
+        base = batch / STEP_COST[rows - 1]
         best_k, best = 0, 0.0
-        # a step of up to GEMV_MAX_TOKENS rows stays on the matrix-vector kernels; past them the
-        # matrix path costs several one-row steps (engine/kernels.py): a small batch stays there
-        k_max = self.k_max
-        if batch < K.GEMV_MAX_TOKENS:
-            k_max = min(k_max, K.GEMV_MAX_TOKENS - batch)
-        for k in range(1, k_max + 1):
-            gain = expected_tokens(a, k) - 1.0 - beta * k  # tokens per step beyond plain decoding
+        for k in ks:
+            gain = (batch - 1 + expected_tokens(a, k)) / STEP_COST[rows + k - 1] / base
             if gain > best:
                 best_k, best = k, gain
-        if best < MIN_GAIN - 1.0:
+        if best < MIN_GAIN:
             self.pause = self.backoff
             self.backoff = min(2 * self.backoff, PAUSE_MAX)
             return 0
         self.backoff = PAUSE_MIN  # speculation pays: the next pause starts short again
         return best_k
 
-    def draft(self, tokens: np.ndarray, n: int, room: int, batch: int = 1) -> int:
+    def draft(self, tokens: np.ndarray, n: int, room: int, batch: int = 1,
+              rows: int | None = None) -> int:
         """Drafts for the sequence ``tokens[:n]`` into ``self.drafts``, at most ``room - 1`` (the
-        step emits one token more than it accepts), in a step of ``batch`` sequences; 0 =
-        decode one token plainly."""
-        k = min(self.plan(batch), room - 1)
+        step emits one token more than it accepts), in a step of ``batch`` sequences and
+        ``rows`` rows so far; 0 = decode one token plainly."""
+        k = min(self.plan(batch, rows), room - 1)
         if k <= 0:
             return 0
         return propose(tokens, n, self.min_n, self.max_n, k, self.drafts)
