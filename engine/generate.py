@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.model import Model
 from engine.sampling import SamplingParams, StreamPolicy, logprobs_topn
+from engine.scheduler.speculate import Speculator
 
 
 @dataclass
@@ -33,6 +34,20 @@ class GenerationStats:
     ttft_s: float = 0.0  # prompt in -> first token out
     decode_s: float = 0.0  # first token out -> last token out
     finish_reason: str = ""
+    # speculative decoding (params.num_speculative_tokens > 0): verify steps, drafts, accepted
+    spec_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts per draft token."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verify step (accepted drafts + the correction or bonus token), as vLLM's."""
+        return 1.0 + self.spec_accepted_tokens / self.spec_steps if self.spec_steps else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -63,31 +78,52 @@ class Generation:
         history = np.empty(n_total, dtype=np.int32)
         history[: self.prompt.size] = self.prompt
         n = self.prompt.size
-        token_pos = np.zeros(1, np.int32)
-        token_id = np.zeros(1, np.int32)
+        spec = Speculator.for_params(params)
+        k_max = spec.k_max if spec else 0
+        rows_tok = np.zeros(k_max + 1, np.int32)
+        rows_pos = np.zeros(k_max + 1, np.int32)
+        rows_seq = np.zeros(k_max + 1, np.int32)
         try:
             t0 = time.perf_counter()
-            logits = model.prefill(self.prompt, table[0], 0)
+            logits = model.prefill(self.prompt, table[0], 0)[None]
+            picks = model.picks[:1]
+            k = 0  # drafts verified by the step that made `logits`
             t_first = None
             while True:
-                tok = policy.pick(logits, history[:n])
-                lp, top = (logprobs_topn(logits, tok, params.logprobs) if params.logprobs
-                           else (None, []))
-                finish = policy.finish_reason(tok, n + 1)  # the stream with tok appended
+                if k:  # a verify step: accepted drafts and the correction or bonus, stops checked
+                    texts: list[str] = []
+                    m, acc, finish = spec.accept(policy, logits, picks, history, n, k, texts)
+                    new = history[n : n + m].tolist()
+                    stats.spec_steps += 1
+                    stats.spec_draft_tokens += k
+                    stats.spec_accepted_tokens += acc
+                else:
+                    tok = policy.pick(logits[0], history[:n])
+                    history[n] = tok
+                    new = [tok]
+                    finish = policy.finish_reason(tok, n + 1)  # the stream with tok appended
+                    texts = [policy.text]
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
                     stats.ttft_s = now - t0
                 stats.decode_s = now - t_first
-                stats.completion_tokens += 1
-                history[n] = tok
-                n += 1
-                yield GeneratedToken(tok, policy.text, stats.completion_tokens - 1, lp, top)
+                for j, tok in enumerate(new):
+                    lp, top = (logprobs_topn(logits[j], tok, params.logprobs) if params.logprobs
+                               else (None, []))
+                    stats.completion_tokens += 1
+                    n += 1
+                    yield GeneratedToken(tok, texts[j], stats.completion_tokens - 1, lp, top)
                 if finish:
                     stats.finish_reason = finish
                     return
-                token_id[0], token_pos[0] = tok, n - 1
-                logits = model.decode(token_id, token_pos, table)[0]
+                k = spec.draft(history, n, n_total - n) if spec else 0
+                rows_tok[0], rows_pos[0] = history[n - 1], n - 1
+                if k:
+                    rows_tok[1 : k + 1] = spec.drafts[:k]
+                    rows_pos[1 : k + 1] = np.arange(n, n + k)
+                logits, picks = model.decode_rows(rows_tok[: k + 1], rows_pos[: k + 1],
+                                                  rows_seq[: k + 1], table)
         finally:
             kv.allocator.free(blocks)
             if not stats.finish_reason:

@@ -133,6 +133,8 @@ class Model:
         self.buffers = self._buffers(self.max_chunk)
         self._logits = np.zeros((max_batch, cfg.vocab_size), dtype=np.float32)
         self.picks = np.zeros(max_batch, dtype=np.int64)  # each row's argmax, last call
+        self._row_logits = np.zeros((0, cfg.vocab_size), dtype=np.float32)  # decode_rows', grown
+        self._row_picks = np.zeros(0, dtype=np.int64)
         self._rows = np.arange(self.max_chunk, dtype=np.int32)
         self._zeros = np.zeros(self.max_chunk, dtype=np.int32)
         self.load_seconds = time.perf_counter() - t0
@@ -181,6 +183,24 @@ class Model:
                    self._rows[:B], np.ascontiguousarray(block_tables, np.int32), self._rows[:B], logits)
         np.argmax(logits, axis=1, out=self.picks[:B])
         return logits
+
+    def decode_rows(self, tokens: np.ndarray, positions: np.ndarray, token_seq: np.ndarray,
+                    block_tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A decode step whose sequences may feed several rows (speculative verification: a
+        sequence's last token and its drafts at consecutive positions, ``token_seq`` naming each
+        row's block table). Every row's K/V is stored before any row attends, so a row sees the
+        rows of its sequence before it. Returns (logits [T, vocab], argmax [T]), valid until the
+        next call; a row's logits are those a one-row decode would give (batch invariance)."""
+        T = tokens.shape[0]
+        if T > self.max_chunk:
+            raise ValueError(f"{T} rows exceed max_chunk={self.max_chunk}")
+        if self._row_logits.shape[0] < T:
+            self._row_logits = np.zeros((T, self.config.vocab_size), dtype=np.float32)
+            self._row_picks = np.zeros(T, dtype=np.int64)
+        logits, picks = self._row_logits[:T], self._row_picks[:T]
+        self._step(tokens, positions, token_seq, block_tables, self._rows[:T], logits)
+        np.argmax(logits, axis=1, out=picks)
+        return logits, picks
 
     def prefill(self, tokens: np.ndarray, block_table: np.ndarray, start_pos: int = 0,
                 all_logits: bool = False) -> np.ndarray:

@@ -37,11 +37,18 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int = 0  # how many top alternatives to report per token
     ignore_eos: bool = False
+    # speculative decoding by prompt lookup (engine/scheduler/speculate.py): drafts per step
+    # (0 = off, None = the server's default) and the n-gram lengths looked up
+    num_speculative_tokens: int | None = 0
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
 
     MAX_LOGPROBS = 20
     MAX_STOP_STRINGS = 16
     MAX_STOP_CHARS = 256
     MAX_STOP_TOKEN_IDS = 256
+    MAX_SPECULATIVE_TOKENS = 16
+    MAX_PROMPT_LOOKUP = 16
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +96,14 @@ class SamplingParams:
                 bad(f"stop_token_ids[{i}]={t} is outside the vocabulary [0, {vocab_size})")
         if self.seed is not None and not (0 <= self.seed < 2**64):
             bad(f"seed={self.seed} must be in [0, 2^64)")
+        k = self.num_speculative_tokens
+        if k is not None and not 0 <= k <= self.MAX_SPECULATIVE_TOKENS:
+            bad(f"num_speculative_tokens={k} must be in [0, {self.MAX_SPECULATIVE_TOKENS}] (0 = off)")
+        if not 1 <= self.prompt_lookup_max <= self.MAX_PROMPT_LOOKUP:
+            bad(f"prompt_lookup_max={self.prompt_lookup_max} must be in [1, {self.MAX_PROMPT_LOOKUP}]")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            bad(f"prompt_lookup_min={self.prompt_lookup_min} must be in [1, prompt_lookup_max="
+                f"{self.prompt_lookup_max}]")
 
 
 class Sampler:
@@ -107,14 +122,29 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, history: np.ndarray | None = None) -> int:
         p = self.params
-        work, cand, probs = _scratch(self.vocab_size)
+        if p.greedy:
+            return int(np.argmax(self._penalized(logits, history)))
+        cand, probs = self.distribution(logits, history)
+        return int(cand[_draw(probs, self.rng.random())])
+
+    def _penalized(self, logits: np.ndarray, history: np.ndarray | None) -> np.ndarray:
+        p = self.params
+        work = _scratch(self.vocab_size)[0]
         np.copyto(work, logits[: work.size])
         if p.repetition_penalty != 1.0 and history is not None and len(history):
             seen = np.unique(history)
             v = work[seen]
             work[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-        if p.greedy:
-            return int(np.argmax(work))
+        return work
+
+    def distribution(self, logits: np.ndarray, history: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution :meth:`sample` draws from (temperature > 0): candidate ids and their
+        unnormalised probabilities (views of per-thread buffers, valid until the next call).
+        Speculative decoding's rejection rule uses it, so its output follows the same law."""
+        p = self.params
+        work = self._penalized(logits, history)
+        cand, probs = _scratch(self.vocab_size)[1:]
         work /= p.temperature
         top = work.max()
         # candidates within the gap of the best, with unnormalised probabilities (the best has
@@ -129,7 +159,7 @@ class Sampler:
         if p.min_p > 0.0:
             keep = probs >= p.min_p  # relative to the best token's probability (1.0 here)
             cand, probs = cand[keep], probs[keep]
-        return int(cand[_draw(probs, self.rng.random())])
+        return cand, probs
 
 
 _thread_scratch = threading.local()

@@ -62,6 +62,11 @@ def add_parsers(subparsers, load_gguf_shape: Callable[[str], ModelShape] | None 
     sp.add_argument("--cached-tokens", type=int, default=0, metavar="N",
                     help="prompt tokens whose KV is already on the wafer (a prefix cache's hit): "
                          "TTFT streams only the rest (default 0; at most --prompt - 1)")
+    sp.add_argument("--speculate", type=int, default=0, metavar="K",
+                    help="speculative decoding: K draft tokens verified per pass (default 0 = off)")
+    sp.add_argument("--acceptance", type=float, default=None, metavar="A",
+                    help="with --speculate: probability that a draft is accepted given the ones "
+                         "before it were, in [0, 1] (default 0.7)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_guard(cmd_run))
 
@@ -204,7 +209,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from sim.timing import TimingModel, summarize
+    from sim.timing import TimingModel, summarize, summarize_speculation
 
     _check(args, "prompt", "output", "sequences")
     if not 0 <= args.cached_tokens < args.prompt:
@@ -213,8 +218,19 @@ def cmd_run(args) -> int:
     shape = _shape(args)
     context = _context(args, shape, args.prompt + args.output, f"--prompt {args.prompt} + --output {args.output}")
     p = _plan(args, shape, context, args.sequences, "--sequences")
-    s = summarize(TimingModel(p), args.prompt, args.output, args.sequences, args.cached_tokens)
+    if not 0 <= args.speculate <= 64:
+        raise CliError(f"--speculate {args.speculate} must be in [0, 64] (0 = off)")
+    if args.acceptance is not None and not args.speculate:
+        raise CliError("--acceptance needs --speculate K")
+    acceptance = 0.7 if args.acceptance is None else args.acceptance
+    if not 0.0 <= acceptance <= 1.0:
+        raise CliError(f"--acceptance {acceptance} must be in [0, 1]")
+    tm = TimingModel(p)
+    s = summarize(tm, args.prompt, args.output, args.sequences, args.cached_tokens)
     s["kv_reserved"] = _kv_reserved(p)
+    if args.speculate:
+        s["speculation"] = summarize_speculation(tm, args.prompt, args.output, args.sequences,
+                                                 args.speculate, acceptance)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -233,6 +249,12 @@ def cmd_run(args) -> int:
           f"when the slowest region, {slowest['stage']} at {s['slowest_region_us']:.1f} us, never idles)")
     cached = f" ({s['cached_tokens']} cached)" if s["cached_tokens"] else ""
     print(f"TTFT                {s['ttft_us'] / 1000:.2f} ms for {s['prompt']} prompt tokens{cached}")
+    if args.speculate:
+        q = s["speculation"]
+        print(f"speculation         {q['drafts']} drafts per pass at acceptance {q['acceptance']:.2f}: "
+              f"{q['tokens_per_pass']:.2f} tokens per pass, verify {q['verify_us']:.1f} us")
+        print(f"  tokens/s per user {q['tokens_per_s_per_user']:,.0f}  (mean gap {q['mean_itl_us']:.1f} us, "
+              f"{q['speedup']:.2f}x plain decoding); pipeline tokens/s {q['pipeline_tokens_per_s']:,.0f}")
     return 0
 
 

@@ -3,6 +3,7 @@
     clock = WaferClock.from_spec("wse3:llama-3.1-8b")
     clock.ttft_us(prompt_tokens=512)                  # arrival -> first token
     clock.itl_us(context_len=600)                     # gap before the token at that context
+    clock.itl_us(600, drafts=4)                       # gap before a verify pass of 4 drafts
     clock.departure_times_us(512, 256)                # offsets from arrival, token i at [i]
 
 All times are microseconds as floats derived from integer cycle counts, so they are
@@ -67,10 +68,13 @@ class WaferClock:
         cycles = self.timing.ttft_cycles(max(1, prompt_tokens), cached_tokens, self._seqs(sequences_in_flight))
         return cycles * self._us_per_cycle
 
-    def itl_us(self, context_len: int, sequences_in_flight: int = 1) -> float:
+    def itl_us(self, context_len: int, sequences_in_flight: int = 1, drafts: int = 0) -> float:
         """Gap between the previous token and the token generated while attending over
-        `context_len` positions, microseconds."""
-        return self.timing.itl_cycles(max(1, context_len), self._seqs(sequences_in_flight)) * self._us_per_cycle
+        `context_len` positions, microseconds. With `drafts` (speculative decoding) the gap
+        before a verify pass of the last token and that many drafts: every token the pass
+        accepts leaves at its end."""
+        return self.timing.itl_cycles(max(1, context_len), self._seqs(sequences_in_flight),
+                                      max(0, int(drafts))) * self._us_per_cycle
 
     def departure_times_us(self, prompt_tokens: int, n_tokens: int, cached_tokens: int = 0,
                            sequences_in_flight: int = 1) -> list[float]:

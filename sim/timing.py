@@ -184,9 +184,21 @@ class TimingModel:
         return np.max([c.fixed_total - (c.head_cycles if prefill else 0) + c.attention_array(t)
                        for c in cands], axis=0)
 
-    def itl_cycles(self, t: int, sequences: int = 1) -> int:
-        """Gap between consecutive tokens of one sequence with `sequences` in flight."""
+    def itl_cycles(self, t: int, sequences: int = 1, drafts: int = 0) -> int:
+        """Gap between consecutive tokens of one sequence with `sequences` in flight; with
+        `drafts`, between consecutive verify passes (see verify_cycles)."""
+        if drafts:
+            return self.verify_cycles(t, drafts, sequences)
         return max(self.token_cycles(t), sequences * self.bottleneck_cycles(t))
+
+    def verify_cycles(self, t: int, drafts: int, sequences: int = 1) -> int:
+        """Speculative decoding: a pass of the last token and `drafts` draft tokens at context t,
+        from the sampled token to the next pass's start. The k + 1 tokens stream through the
+        layer pipeline one slowest-region slot apart (as prompt tokens do), so the pass costs
+        the token loop plus k slots; with `sequences` in flight each occupies k + 1 slots of the
+        slowest region per pass."""
+        slot = self.bottleneck_cycles(t)
+        return max(self.token_cycles(t) + drafts * slot, sequences * (drafts + 1) * slot)
 
     def itl_cycles_array(self, t: np.ndarray, sequences: int = 1) -> np.ndarray:
         return np.maximum(self.token_cycles_array(t), sequences * self.bottleneck_cycles_array(t))
@@ -241,6 +253,35 @@ class TimingModel:
         first = self.ttft_cycles(prompt, cached, sequences)
         gaps = self.itl_cycles_array(np.arange(prompt + 1, prompt + n_tokens, dtype=np.int64), sequences)
         return first + np.concatenate(([0], np.cumsum(gaps)))
+
+
+def tokens_per_pass(acceptance: float, drafts: int) -> float:
+    """Speculative decoding: expected tokens a verify pass of `drafts` drafts emits when each
+    draft is accepted with probability `acceptance` given the ones before it were:
+    1 + a + a^2 + ... + a^k (the accepted run plus the correction or bonus token)."""
+    if not 0.0 <= acceptance <= 1.0:
+        raise ValueError(f"acceptance={acceptance} must be in [0, 1]")
+    return sum(acceptance ** i for i in range(drafts + 1))
+
+
+def summarize_speculation(tm: TimingModel, prompt: int, output: int, sequences: int,
+                          drafts: int, acceptance: float) -> dict:
+    """`wafer sim run --speculate K --acceptance A`: tokens per pass, the verify pass's cost and
+    the resulting tok/s per user and pipeline tok/s, against plain decoding at mid context."""
+    hw = tm.hw
+    t_mid = prompt + max(output // 2, 1)
+    per_pass = tokens_per_pass(acceptance, drafts)
+    plain = tm.itl_cycles(t_mid, sequences)
+    verify = tm.verify_cycles(t_mid, drafts, sequences)
+    gap = verify / per_pass
+    return {
+        "drafts": drafts, "acceptance": acceptance, "tokens_per_pass": per_pass,
+        "verify_us": hw.cycles_to_us(verify), "verify_cycles": verify,
+        "mean_itl_us": hw.cycles_to_us(gap),
+        "tokens_per_s_per_user": hw.clock_hz / gap,
+        "pipeline_tokens_per_s": hw.clock_hz / gap * sequences,
+        "speedup": plain / gap,
+    }
 
 
 def summarize(tm: TimingModel, prompt: int, output: int, sequences: int = 1, cached: int = 0) -> dict:

@@ -18,6 +18,9 @@ def add_parsers(sub) -> None:
     c.add_argument("--max-tokens", type=int, default=None)
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="speculative decoding by prompt lookup: draft up to K tokens per step "
+                        "(0 = off; default: the server's)")
     c.add_argument("--json", action="store_true", help="one JSON object per token, then a summary per turn")
     add_connection_arguments(c)
     c.set_defaults(func=chat_cmd)
@@ -31,7 +34,8 @@ def chat_cmd(args: argparse.Namespace) -> int:
     from engine.client import SessionError, WaferClient, sampling
 
     interactive = sys.stdin.isatty()
-    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+              num_speculative_tokens=args.speculate)
     try:
         sampling(**kw)
         conn = client_kwargs(args)

@@ -24,6 +24,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="speculative decoding by prompt lookup: draft up to K tokens per step "
+                        "(0 = off; default: off locally, the server's default with --server)")
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
     p.add_argument("--numerics", choices=("exact", "fast"), default=None,
                    help="local model: exact (float32 activations, the default) or fast (int8 activations, "
@@ -48,7 +51,7 @@ def sampling_params(args: argparse.Namespace):
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
-        stop=tuple(args.stop),
+        stop=tuple(args.stop), num_speculative_tokens=args.speculate or 0,
     )
 
 
@@ -71,7 +74,12 @@ def run_local(args: argparse.Namespace) -> int:
     for tok in gen:
         emit(args, tok.id, tok.text)
     s = gen.stats
-    emit_summary(args, s.prompt_tokens, s.completion_tokens, s.ttft_s * 1e3, s.decode_tok_s, s.finish_reason)
+    spec = ({"spec_steps": s.spec_steps, "spec_draft_tokens": s.spec_draft_tokens,
+             "spec_accepted_tokens": s.spec_accepted_tokens,
+             "spec_acceptance_rate": round(s.acceptance_rate, 4),
+             "spec_mean_accepted_length": round(s.mean_accepted_length, 4)} if args.speculate else None)
+    emit_summary(args, s.prompt_tokens, s.completion_tokens, s.ttft_s * 1e3, s.decode_tok_s,
+                 s.finish_reason, spec)
     return 0
 
 
@@ -85,7 +93,8 @@ def run_remote(args: argparse.Namespace) -> int:
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=getattr(args, "min_p", None),
               repetition_penalty=getattr(args, "repetition_penalty", None), seed=args.seed,
-              stop=list(getattr(args, "stop", []) or []))
+              stop=list(getattr(args, "stop", []) or []),
+              num_speculative_tokens=getattr(args, "speculate", None))
     if args.raw:
         kw["prompt"] = args.prompt
     else:
@@ -110,8 +119,11 @@ def run_remote(args: argparse.Namespace) -> int:
                     n = u["completion_tokens"]
                     decode_s = u["mean_itl_ms"] * (n - 1) / 1e3
                     tok_s = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+                    extra = {"emulation": item.emulation} if item.emulation else {}
+                    if u.get("spec_steps"):
+                        extra.update((k, v) for k, v in u.items() if k.startswith("spec_"))
                     emit_summary(args, u["prompt_tokens"], n, u["ttft_ms"], tok_s, item.finish_reason,
-                                 {"emulation": item.emulation} if item.emulation else None)
+                                 extra or None)
                     warning = deprecation_warning(item.trailing_metadata, args.model or "")
                     if warning:  # after the text and its summary, on a line of its own
                         print(f"wafer generate: {warning}", file=sys.stderr)

@@ -54,6 +54,9 @@ def add_parsers(sub) -> None:
                      help="require `authorization: Bearer <token>` on every call (health checks excepted) "
                           "and on /metrics; one accepted token per line. Also read: "
                           "WAFER_AUTH_TOKENS (comma-separated)")
+    p.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="default num_speculative_tokens of a request that leaves it unset: draft up "
+                        "to K tokens per step by prompt lookup (default 0 = off; [0, 16])")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=serve_cmd)
@@ -136,7 +139,12 @@ def serve_cmd(args: argparse.Namespace) -> int:
         prefix_caching=bool(pick(args.prefix_caching, "prefix_caching", True)),
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_tokens=tokens,
+        speculate=pick(args.speculate, "speculate", 0),
     )
+    if not 0 <= options.speculate <= 16:
+        print(f"wafer serve: error: --speculate {options.speculate} must be in [0, 16] (0 = off)",
+              file=sys.stderr)
+        return 2
     if args.pace is not None and not options.emulate and not any(e.emulate for e in registry.served()):
         print("wafer serve: warning: --pace has no effect without --emulate (or a model's emulate)",
               file=sys.stderr)

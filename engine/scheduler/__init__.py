@@ -8,7 +8,10 @@ One engine thread owns the model and runs :meth:`Scheduler.step` in a loop. Two 
 3. **decode** every running sequence that has a sampled token not yet in the cache, in one batched
    ``model.decode`` call (allocating a block when a sequence crosses a block boundary; when the
    pool is dry the newest running sequence is preempted: its blocks are freed and it is recomputed
-   later from its tokens, so no sequence ever writes into another's blocks);
+   later from its tokens, so no sequence ever writes into another's blocks). A sequence that
+   speculates (``speculate``: prompt-lookup drafts) feeds its last token and its drafts as
+   consecutive rows of the same call (``model.decode_rows``) and gets its accepted drafts plus
+   one token;
 4. **prefill** within a token budget: first continue chunked prefills, then admit waiting
    sequences in FIFO order while the batch has room and blocks are free. The budget is small while
    other sequences are decoding (their streams keep flowing) and large when nothing is decoding.
@@ -47,6 +50,8 @@ Modules, each importing only those above it:
 - ``commands``: the typed commands other threads send (Submit, Cancel, ...) and their Inbox
 - ``sessions``: Session and the store of open ones; ``blocks``: KV block ownership, whom to
   preempt; ``batch``: the decode batch's rows
+- ``speculate``: speculative decoding by prompt lookup: the n-gram proposer, the acceptance
+  rule (greedy and rejection sampling), when and how much to speculate
 - ``core``: the engine thread's model work (decode, prefill, finishing, preemption)
 - ``admission``: the estimated queue wait of a new request, refusing it beyond a bound
 - ``scheduler``: Scheduler: the step's order, the loop and its thread, commands, the front

@@ -25,6 +25,13 @@ class DecodeBatch:
         self.positions = np.zeros(max_batch, dtype=np.int32)
         self.tables = np.zeros((max_batch, max_blocks), dtype=np.int32)
         self.dirty = True         # rebuild before the next decode
+        # a step that verifies drafts: its rows (a sequence's last token and drafts), their
+        # positions and sequences (rows of ``tables``), and each sequence's drafts
+        self.rows = max_batch * 4
+        self.row_tokens = np.zeros(self.rows, dtype=np.int32)
+        self.row_positions = np.zeros(self.rows, dtype=np.int32)
+        self.row_seq = np.zeros(self.rows, dtype=np.int32)
+        self.drafts = [0] * max_batch
 
     def __len__(self) -> int:
         return len(self.seqs)

@@ -46,6 +46,8 @@ class SchedulerConfig:
                                        # (engine.scheduler.admission); None = no bound
     prefix_caching: bool = True       # share full KV blocks of equal token prefixes across
                                       # requests and sessions (engine.scheduler.blocks)
+    num_speculative_tokens: int = 0   # drafts per step for a request that leaves it unset
+                                      # (0 = no speculation; engine/scheduler/speculate.py)
 
 
 def _default_publish(items, quiet: bool = False) -> None:
@@ -103,6 +105,8 @@ class SchedulerCore:
         self._next_deadline_ns = NO_DEADLINE  # earliest deadline of a live request (or later)
         self._last_decode_ns = 0
         self._prefill_ns_prev = 0
+        self._speculating = 0                # running sequences with a Speculator
+        self._max_rows = min(self.batch.rows, getattr(model, "max_chunk", self.batch.rows))
 
         # observable counters (read from other threads; plain ints)
         self.steps = 0
@@ -129,11 +133,15 @@ class SchedulerCore:
         self.running.append(seq)
         if seq.prefilling:
             self._n_partial += 1
+        if seq.spec is not None:
+            self._speculating += 1
 
     def _leave_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
         if seq.prefilling:
             self._n_partial -= 1
+        if seq.spec is not None:
+            self._speculating -= 1
         if seq.row >= 0:
             self.batch.remove(seq)
 
@@ -162,10 +170,15 @@ class SchedulerCore:
         if not seqs:
             return 0
         B = len(seqs)
+        drafts = self._plan_drafts(seqs) if self._speculating else 0
         tok_in, pos_in = batch.tokens, batch.positions
         self._flush()
         t0 = self._now()
-        logits = self.model.decode(tok_in[:B], pos_in[:B], batch.tables[:B])
+        if drafts:
+            logits, picks = self._verify_rows(B, drafts)
+        else:
+            logits = self.model.decode(tok_in[:B], pos_in[:B], batch.tables[:B])
+            picks = self.model.picks
         now = self._now()
         dt = now - t0
         self._last_decode_ns = dt
@@ -176,7 +189,9 @@ class SchedulerCore:
         self.last_batch_size = B
         if B > self.max_batch_seen:
             self.max_batch_seen = B
-        tokens = self.model.picks[:B].tolist()  # each row's argmax (the greedy choice)
+        if drafts:
+            return self._after_verify(items, seqs, logits, picks, engine_ns, now)
+        tokens = picks[:B].tolist()  # each row's argmax (the greedy choice)
         lps = None
         finished = []
         # the only per-sequence work on the engine thread: the token, and whether it ends the turn
@@ -196,12 +211,107 @@ class SchedulerCore:
             reason = pol.finish_reason(tok, n + 1)
             if reason is not None:
                 finished.append((seq, reason))
+        self._publish_step(items, tokens, engine_ns, B, now, lps, None, finished)
+        return B
+
+    def _publish_step(self, items, tokens, engine_ns, B, now, lps, spec, finished) -> None:
         joined = None
         if self._joined:
             joined, self._joined = self._joined, {}
-        items.append((None, DecodeStep(batch.reqs[:], tokens, engine_ns, B, now, lps, joined)))
+        items.append((None, DecodeStep(self.batch.reqs[:], tokens, engine_ns, B, now, lps, joined,
+                                       spec)))
         for seq, reason in finished:
             self._finish(seq, reason, items)
+
+    # ---------------------------------------------------------------- speculative decoding
+
+    def _plan_drafts(self, seqs: list[Sequence]) -> int:
+        """Each speculating sequence's drafts for this step (engine.scheduler.speculate) into
+        ``batch.drafts``, with blocks for them (none when the pool is dry: it then decodes one
+        token); returns the step's draft rows."""
+        batch = self.batch
+        ks = batch.drafts
+        total, budget = 0, self._max_rows - len(seqs)
+        capacity = self.block_size
+        for i, seq in enumerate(seqs):
+            ks[i] = 0
+            sp = seq.spec
+            if sp is None or budget <= total:
+                continue
+            n = seq.n_tokens
+            k = sp.draft(seq.tokens, n, min(seq.policy.end - n, budget - total + 1), len(seqs),
+                         len(seqs) + total)
+            if not k:
+                continue
+            have = len(seq.blocks)
+            if n + k > have * capacity:
+                if not self.blocks.ensure(seq, n + k):
+                    continue
+                batch.tables[i, have : len(seq.blocks)] = seq.blocks[have:]
+            ks[i] = k
+            total += k
+        return total
+
+    def _verify_rows(self, B: int, drafts: int):
+        """One model call: every sequence's last token, and a speculating one's drafts after it
+        at the next positions (same block table row)."""
+        b = self.batch
+        toks, pos, rseq, ks = b.row_tokens, b.row_positions, b.row_seq, b.drafts
+        t = 0
+        for i, seq in enumerate(b.seqs):
+            p = b.positions[i]
+            toks[t] = b.tokens[i]
+            pos[t] = p
+            rseq[t] = i
+            t += 1
+            k = ks[i]
+            if k:
+                toks[t : t + k] = seq.spec.drafts[:k]
+                pos[t : t + k] = np.arange(p + 1, p + 1 + k, dtype=np.int32)
+                rseq[t : t + k] = i
+                t += k
+        return self.model.decode_rows(toks[:t], pos[:t], rseq[:t], b.tables[:B])
+
+    def _after_verify(self, items, seqs, logits, picks, engine_ns, now) -> int:
+        """The tokens of a step that verified drafts: a speculating row's accepted drafts and its
+        correction or bonus token (engine.scheduler.speculate.Speculator.accept), another row's
+        one token."""
+        b = self.batch
+        B = len(seqs)
+        ks = b.drafts
+        tokens: list = [0] * B
+        spec = {}
+        lps = None
+        finished = []
+        r = 0  # the row of seqs[i]'s last token
+        for i, seq in enumerate(seqs):
+            pol = seq.policy
+            k = ks[i]
+            n = seq.n_tokens
+            if k:
+                m, _, reason = seq.spec.accept(pol, logits[r : r + k + 1], picks[r : r + k + 1],
+                                               seq.tokens, n, k)
+                toks = seq.tokens[n : n + m].tolist()
+                tokens[i] = toks
+                spec[i] = k
+            else:
+                tok = int(picks[r]) if pol.greedy else pol.pick(logits[r], seq.tokens[:n])
+                seq.tokens[n] = tok
+                m, toks = 1, [tok]
+                tokens[i] = tok
+                reason = pol.finish_reason(tok, n + 1)
+            if pol.n_logprobs:
+                lps = lps or {}
+                lp = [logprobs_topn(logits[r + j], t, pol.n_logprobs) for j, t in enumerate(toks)]
+                lps[i] = lp if k else lp[0]
+            seq.n_tokens = n + m
+            seq.num_computed = n + m - 1  # the KV of rejected drafts' positions is overwritten later
+            b.tokens[i] = toks[-1]
+            b.positions[i] = n + m - 1
+            if reason is not None:
+                finished.append((seq, reason))
+            r += k + 1
+        self._publish_step(items, tokens, engine_ns, B, now, lps, spec, finished)
         return B
 
     def _build_batch(self) -> list[Sequence]:
@@ -332,6 +442,10 @@ class SchedulerCore:
         st.finish_ns = self._now()
         st.completion_tokens = max(0, seq.n_tokens - seq.prompt_len)
         st.max_batch_size = seq.max_batch
+        sp = seq.spec
+        if sp is not None:
+            st.spec_steps, st.spec_draft_tokens = sp.steps, sp.drafted
+            st.spec_accepted_tokens, st.spec_accepted_per_pos = sp.accepted, tuple(sp.per_pos)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %r (sequence %d) finished: %s%s; %d prompt tokens (%d cached) + %d "
                       "completion, %d preemption(s)", req.request_id, seq.seq_id, reason,
@@ -371,6 +485,7 @@ class SchedulerCore:
         self.running.clear()
         self.waiting.clear()
         self._n_partial = 0
+        self._speculating = 0
         self.batch.clear()
 
     # ---------------------------------------------------------------- preemption

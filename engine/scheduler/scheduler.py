@@ -20,6 +20,7 @@ from engine.scheduler.events import (FINISH_CANCELLED, FINISH_DEADLINE, FINISH_L
                                      SessionExpired)
 from engine.scheduler.sequence import Request, Sequence, Session
 from engine.scheduler.sessions import turn_tokens
+from engine.scheduler.speculate import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,7 @@ class Scheduler(SchedulerCore):
         end = min(seq.n_tokens + req.params.max_tokens, self.context_length)
         seq.begin_turn(req, seq.num_computed, StreamPolicy(req.params, self.vocab_size,
                                                            self.tokenizer, self.eos_id, end))
+        seq.spec = Speculator.for_params(req.params, self.cfg.num_speculative_tokens)
         if req.deadline_ns is not None:
             self._next_deadline_ns = min(self._next_deadline_ns, req.deadline_ns)
         self._enqueue(seq)

@@ -51,7 +51,8 @@ class Sequence:
     # slots: the per-row work between two decode calls runs with caches the model call has just
     # flushed, and a slot read misses less than an instance-dict lookup
     __slots__ = ("seq_id", "tokens", "n_tokens", "num_computed", "blocks", "hashes", "table", "req",
-                 "prompt_len", "max_batch", "policy", "prefilling", "stats", "scheduled", "row")
+                 "prompt_len", "max_batch", "policy", "prefilling", "stats", "scheduled", "row",
+                 "spec")
     _ids = itertools.count(1)
 
     def __init__(self, capacity: int, max_blocks: int):
@@ -71,6 +72,7 @@ class Sequence:
         self.stats = SeqStats()
         self.scheduled = False               # left the bounded admission count
         self.row = -1                        # its row in the decode batch, -1 when not in it
+        self.spec = None                     # its turn's engine.scheduler.speculate.Speculator
 
     def token_list(self) -> list[int]:
         return self.tokens[: self.n_tokens].tolist()

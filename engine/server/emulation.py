@@ -61,17 +61,23 @@ class StreamClock:
     last_late_us: int = 0
     late_tokens: int = 0
 
-    def next_time_us(self, in_flight: int) -> int:
-        """Simulated departure time of the next token, microseconds after arrival."""
+    def next_time_us(self, in_flight: int, spec_k: int = 0, spec_index: int = 0) -> int:
+        """Simulated departure time of the next token, microseconds after arrival. A token a
+        speculative verify pass of ``spec_k`` drafts made leaves at that pass's end: the pass's
+        first token (``spec_index`` 0) advances the clock by the pass's cost, the others it
+        accepted with it leave at the same time."""
         in_flight = max(1, in_flight)
         clock = self.emu.clock
+        if spec_index and self.n:
+            self.n += 1
+            return int(round(self.sim_us))
         if self.n == 0:
             self.sim_us = float(clock.ttft_us(self.prompt_tokens, cached_tokens=self.cached_tokens,
                                               sequences_in_flight=in_flight))
             self.sim_ttft_us = self.sim_us
         else:
             ctx = self.prompt_tokens + self.n
-            self.sim_us += float(clock.itl_us(ctx, sequences_in_flight=in_flight))
+            self.sim_us += float(clock.itl_us(ctx, sequences_in_flight=in_flight, drafts=spec_k))
         self.n += 1
         return int(round(self.sim_us))
 

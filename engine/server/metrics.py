@@ -134,7 +134,41 @@ class Metrics:
         self.emulation_lateness = Histogram("wafer_emulation_token_lateness_seconds",
                                             "How late each token left vs the simulated wafer schedule.",
                                             L, buckets=_ITL_BUCKETS, registry=r)
+        # speculative decoding, as vLLM's spec_decode_* (counted when a request finishes)
+        self.spec_drafts = Counter("wafer_spec_decode_num_drafts",
+                                   "Decode steps that verified draft tokens.", L, registry=r)
+        self.spec_draft_tokens = Counter("wafer_spec_decode_num_draft_tokens",
+                                         "Draft tokens verified.", L, registry=r)
+        self.spec_accepted_tokens = Counter("wafer_spec_decode_num_accepted_tokens",
+                                            "Draft tokens accepted.", L, registry=r)
+        self.spec_accepted_per_pos = Counter("wafer_spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted, by position in the draft "
+                                             "(0 = first).", L + ["position"], registry=r)
+        self.spec_acceptance_rate = Gauge("wafer_spec_decode_acceptance_rate",
+                                          "Accepted / verified draft tokens, since start.", L,
+                                          registry=r)
+        self.spec_mean_accepted_length = Gauge("wafer_spec_decode_mean_accepted_length",
+                                               "Tokens per verify step (1 + accepted drafts), "
+                                               "since start.", L, registry=r)
+        self._spec_totals: dict = {}  # model -> [steps, drafts, accepted]
         self._http = None
+
+    def record_speculation(self, model_name: str, st) -> None:
+        """A finished request's speculation counts (engine.scheduler.SeqStats)."""
+        self.spec_drafts.labels(model_name).inc(st.spec_steps)
+        self.spec_draft_tokens.labels(model_name).inc(st.spec_draft_tokens)
+        self.spec_accepted_tokens.labels(model_name).inc(st.spec_accepted_tokens)
+        for pos, n in enumerate(st.spec_accepted_per_pos):
+            if n:
+                self.spec_accepted_per_pos.labels(model_name, str(pos)).inc(n)
+        t = self._spec_totals.setdefault(model_name, [0, 0, 0])
+        t[0] += st.spec_steps
+        t[1] += st.spec_draft_tokens
+        t[2] += st.spec_accepted_tokens
+        if t[1]:
+            self.spec_acceptance_rate.labels(model_name).set(t[2] / t[1])
+        if t[0]:
+            self.spec_mean_accepted_length.labels(model_name).set(1.0 + t[2] / t[0])
 
     def bind_scheduler(self, model_name: str, scheduler) -> None:
         """Gauges read live from a scheduler (its counters are plain ints, safe to read)."""

@@ -25,3 +25,4 @@ class ServerOptions:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mTLS)
     auth_tokens: tuple[bytes, ...] = ()  # bearer tokens accepted; empty = no check
+    speculate: int = 0                # num_speculative_tokens of a request that leaves it unset

@@ -14,6 +14,7 @@ serves smollm2-135m. Example::
     engine_sched_idle = false          # compute threads under SCHED_IDLE instead (see README)
     realtime_streaming = false         # streaming threads under SCHED_RR (needs CAP_SYS_NICE)
     prefix_caching = true              # false: off for every model (wafer serve --no-prefix-caching)
+    speculate = 0                      # default num_speculative_tokens (prompt lookup; 0 = off)
 
     [[models]]
     name = "smollm2-135m"
@@ -170,6 +171,7 @@ SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "engine_nice": (int,), "engine_sched_idle": (bool,), "realtime_streaming": (bool,),
     "numerics": (str,),
     "prefix_caching": (bool,),
+    "speculate": (int,),
 }
 SERVER_LIMITS = {  # key -> (check, what it must be)
     "port": (lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
@@ -178,6 +180,7 @@ SERVER_LIMITS = {  # key -> (check, what it must be)
     "session_idle_timeout_s": (lambda v: v > 0, "> 0"),
     "threads": (lambda v: v >= 1, ">= 1"),
     "engine_nice": (lambda v: 0 <= v <= 19, "in [0, 19]"),
+    "speculate": (lambda v: 0 <= v <= 16, "in [0, 16] (0 = off)"),
     "pace": _PACE,
     "numerics": _NUMERICS,
 }

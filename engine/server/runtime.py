@@ -106,7 +106,8 @@ class ModelRuntime:
                 max_batch=e.max_batch, max_waiting=e.max_waiting, prefill_chunk=e.prefill_chunk,
                 max_queue_ms=e.max_queue_ms,
                 prefix_caching=e.prefix_caching and self.options.prefix_caching,
-                session_idle_timeout_s=self.options.session_idle_timeout_s)
+                session_idle_timeout_s=self.options.session_idle_timeout_s,
+                num_speculative_tokens=self.options.speculate)
             self.scheduler = sch.Scheduler(model, cfg, publish=self.publisher, on_step=self._on_step)
             self.model = model
             if self.metrics:

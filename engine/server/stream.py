@@ -81,7 +81,8 @@ class StreamState:
                 c.logprobs.append(pb.TokenLogprobs(
                     logprob=e.logprob, top=[pb.TopLogprob(id=i, logprob=lp) for i, lp in e.top or ()]))
         if self.emu is not None:
-            c.sim_time_us.extend(self.emu.next_time_us(e.in_flight or e.batch_size) for e in evs)
+            c.sim_time_us.extend(self.emu.next_time_us(e.in_flight or e.batch_size, e.spec_k,
+                                                        e.spec_index) for e in evs)
         return c
 
     async def before_send(self, c: pb.TokenChunk) -> None:
@@ -133,6 +134,12 @@ class StreamState:
             ttft_ms=ttft_ms, mean_itl_ms=itl_ms, queue_ms=st.queue_ns / 1e6,
             e2e_ms=(now - self.arrival_ns) / 1e6, max_batch_size=st.max_batch_size,
             preemptions=st.preemptions,
+            spec_steps=st.spec_steps, spec_draft_tokens=st.spec_draft_tokens,
+            spec_accepted_tokens=st.spec_accepted_tokens,
+            spec_acceptance_rate=(st.spec_accepted_tokens / st.spec_draft_tokens
+                                  if st.spec_draft_tokens else 0.0),
+            spec_mean_accepted_length=(1.0 + st.spec_accepted_tokens / st.spec_steps
+                                       if st.spec_steps else 0.0),
         )
         final = pb.Final(finish_reason=ev.reason, usage=usage)
         if self.emu is not None:
@@ -157,6 +164,8 @@ class StreamState:
                 m.cached_tokens.labels(name).inc(st.cached_tokens)
             if st.preemptions:
                 m.preemptions.labels(name).inc(st.preemptions)
+            if st.spec_steps:
+                m.record_speculation(name, st)
             if ev.reason != sch.FINISH_DEADLINE:  # counted as an error with the call's status
                 m.request_success.labels(name, ev.reason).inc()
         return final

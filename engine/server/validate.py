@@ -168,7 +168,16 @@ def sampling_params(sp: pb.SamplingParams, *, vocab_size: int, context_length: i
         seed=int(sp.seed) if sp.HasField("seed") else None,
         max_tokens=int(max_tokens), stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids),
         logprobs=int(sp.logprobs),
+        # unset: the scheduler's default (SchedulerConfig.num_speculative_tokens)
+        num_speculative_tokens=(sp.num_speculative_tokens if sp.HasField("num_speculative_tokens")
+                                else None),
+        prompt_lookup_max=(sp.prompt_lookup_max if sp.HasField("prompt_lookup_max")
+                           else SamplingParams.prompt_lookup_max),
     )
+    if sp.HasField("prompt_lookup_min"):
+        params.prompt_lookup_min = sp.prompt_lookup_min
+    else:  # the default, or a smaller prompt_lookup_max
+        params.prompt_lookup_min = min(SamplingParams.prompt_lookup_min, max(1, params.prompt_lookup_max))
     try:
         params.validate(vocab_size, context_length, prompt_len)
     except ValueError as e:
