@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 WAFER  := $(VENV)/bin/wafer
 MODEL  ?= smollm2-135m
 
-.PHONY: demo test install model bench protos clean
+.PHONY: demo test gate install model bench protos clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -24,6 +24,11 @@ demo: model
 
 test: model
 	$(PY) -m pytest -q tests
+
+# The perf gate's deterministic part (simulator cycles, weights read per step, seeded tokens,
+# scheduler steps, speculation counts) against benches/baseline.json; CI runs it after the tests.
+gate: model
+	$(PY) -m benches.gate --only deterministic
 
 bench: model
 	mkdir -p bench-out

@@ -26,6 +26,9 @@ SIM_CASES = (  # (model preset, hardware preset, prompt, output, sequences in fl
 SEEDED_PROMPTS = ("What is the capital of France?",
                   "Write a Python function that reverses a string.")
 SEEDED_TOKENS = 24
+CODE_EDIT_PROMPT = ("Rename the variable `total` to `running_sum` in this function and change nothing else:\n"
+                    "def add_all(values):\n    total = 0\n    for v in values:\n        total += v\n"
+                    "    return total\n")
 WORKLOAD_REQUESTS = 12  # the scheduler workload: varied prompts and lengths, submitted at once
 
 
@@ -69,6 +72,26 @@ def seeded_runs(model) -> dict[str, object]:
             toks = list(Generation(model, prompt_ids(model, prompt), params))
             out[f"seeded/{i}/{name}/token_ids"] = [t.id for t in toks]
             out[f"seeded/{i}/{name}/text"] = "".join(t.text for t in toks)
+    return out
+
+
+def fast_and_speculative_runs(model_path: str, exact_model) -> dict[str, object]:
+    """Greedy tokens in fast numerics (int8 activations), and a code edit with prompt-lookup
+    speculation: its tokens (equal to plain greedy decoding) and its draft/accept counts."""
+    from engine.generate import Generation, prompt_ids
+    from engine.model import Model
+    from engine.sampling import SamplingParams
+
+    fast = Model(model_path, max_batch=1, threads=2, numerics="fast")
+    out: dict[str, object] = {}
+    ids = prompt_ids(fast, SEEDED_PROMPTS[1])
+    out["fast/greedy/token_ids"] = [t.id for t in Generation(fast, ids, SamplingParams(temperature=0, max_tokens=SEEDED_TOKENS))]
+    ids = prompt_ids(exact_model, CODE_EDIT_PROMPT)
+    gen = Generation(exact_model, ids, SamplingParams(temperature=0, max_tokens=48, num_speculative_tokens=4))
+    out["speculative/code_edit/token_ids"] = [t.id for t in gen]
+    out["speculative/code_edit/steps"] = gen.stats.spec_steps
+    out["speculative/code_edit/draft_tokens"] = gen.stats.spec_draft_tokens
+    out["speculative/code_edit/accepted_tokens"] = gen.stats.spec_accepted_tokens
     return out
 
 
@@ -127,6 +150,7 @@ def deterministic(model_path: str | None) -> dict[str, object]:
         model = Model(model_path, max_batch=8, threads=2)
         out.update(model_metrics(model))
         out.update(seeded_runs(model))
+        out.update(fast_and_speculative_runs(model_path, model))
         out.update(scheduler_workload(model))
     return out
 

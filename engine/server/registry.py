@@ -15,6 +15,7 @@ serves smollm2-135m. Example::
     realtime_streaming = false         # streaming threads under SCHED_RR (needs CAP_SYS_NICE)
     prefix_caching = true              # false: off for every model (wafer serve --no-prefix-caching)
     speculate = 0                      # default num_speculative_tokens (prompt lookup; 0 = off)
+    numerics = "exact"                 # models that name none: "exact" | "fast" (wafer serve --numerics)
 
     [[models]]
     name = "smollm2-135m"
@@ -25,6 +26,7 @@ serves smollm2-135m. Example::
     max_queue_ms = 2000                # refuse (RESOURCE_EXHAUSTED) a request whose estimated
                                        # queue wait exceeds this (optional; default: no bound)
     prefix_caching = true              # share cached KV of equal prompt prefixes (default true)
+    numerics = "fast"                  # int8 activations for this model (default: [server]'s)
     emulate = "wse3:llama-3.1-8b"      # optional: stamp/pace tokens on a simulated wafer
     pace = "realtime"                  # or "none" (only stamp); default: wafer serve --pace
 

@@ -283,11 +283,6 @@ def test_fuzz_raw_bytes_that_parse(fault_server, stub, method):
     fuzz(fault_server, one)
 
 
-D1 = pytest.mark.xfail(strict=True, reason="D1: fixed on branch contract (unparsable requests -> "
-                                           "INVALID_ARGUMENT; today UNKNOWN, and a Session ends OK)")
-
-
-@D1
 @pytest.mark.parametrize("method", ["Generate", "Tokenize", "GetModel", "Session"])
 def test_fuzz_raw_bytes_that_fail_to_parse(fault_server, stub, method):
     """Random bytes that are no valid message (truncated fields, bad wire types, invalid UTF-8):
@@ -332,7 +327,6 @@ UTF8_CASES = {
 }
 
 
-@D1
 def test_invalid_utf8_in_every_string_field_is_invalid_argument(fault_server, stub):
     _, ch = stub
     b = take_baseline(fault_server)
