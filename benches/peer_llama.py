@@ -4,12 +4,12 @@ its own virtual environment (built for AVX-512) while wafer runs in ours.
 Build the peer (once; ~15 min on 2 cores) into a separate venv, for the CPU class the numbers
 are about (AVX-512 with VNNI/VBMI/BF16; GGML_NATIVE=OFF so the flags are explicit):
 
-    python3.11 -m venv /work/peer/venv
+    python3.11 -m venv ~/llama-peer
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
       -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" \
-      /work/peer/venv/bin/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+      ~/llama-peer/bin/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
 
-then point the bench at it: WAFER_PEER_PYTHON=/work/peer/venv/bin/python (default: the
+then point the bench at it: WAFER_PEER_PYTHON=~/llama-peer/bin/python (default: the
 bench's own python when it can import llama_cpp).
 
 Protocol: one JSON request per stdin line, one JSON answer per stdout line:
