@@ -125,25 +125,30 @@ def test_negative_control_other_arithmetic_is_detected(models):
     np.testing.assert_allclose(fast, exact, atol=0.2 * np.abs(exact).max())  # yet both are the model
 
 
-PORTABLE_SCRIPT = """
+ISA_SCRIPT = """
 import sys, numpy as np
 from engine.cpu import ISA
 from engine.model import Model
-assert ISA == "portable", ISA
+print(ISA)
 m = Model(sys.argv[1], max_batch=4, kv_blocks=64, max_chunk=64, numerics="fast")
 np.save(sys.argv[2], m.logits(list(range(1, 40))))
 """
 
 
-def test_portable_int8_kernel_gives_the_vnni_bits(models, tiny_gguf, tmp_path):
+def test_portable_int8_kernel_gives_the_vnni_bits(tiny_gguf, tmp_path):
     """The portable integer dot (plain LLVM IR, for CPUs without AVX512-VNNI) and vpdpbusd
-    compute the same exact integer sums: fast-mode logits are bitwise equal across the two."""
-    from engine.cpu import ISA
-
+    compute the same exact integer sums: fast-mode logits are bitwise equal across the two.
+    Each side compiles afresh in its own process: kernels loaded from Numba's on-disk cache have
+    been seen to differ from freshly compiled ones in the last bits (~4e-6; not understood yet),
+    which would make this comparison depend on what an earlier run left in the cache."""
     path = tiny_gguf("Q4_1", **SHAPES)
-    env = dict(os.environ, WAFER_ISA="portable", PYTHONPATH=str(Path(__file__).parents[1]))
-    subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(path), str(tmp_path / "p.npy")],
-                   env=env, check=True, timeout=900)
-    here = models("Q4_1", "fast").logits(list(range(1, 40)))
-    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), here)
-    assert ISA in ("vnni", "portable")
+    isas, out = {}, {}
+    for forced in ("", "portable"):
+        env = dict(os.environ, WAFER_ISA=forced, PYTHONPATH=str(Path(__file__).parents[1]),
+                   NUMBA_CACHE_DIR=str(tmp_path / f"numba-{forced or 'native'}"))
+        run = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(path), str(tmp_path / f"{forced}.npy")],
+                             env=env, check=True, timeout=900, capture_output=True, text=True)
+        isas[forced] = run.stdout.split()[-1]
+        out[forced] = np.load(tmp_path / f"{forced}.npy")
+    assert isas["portable"] == "portable" and isas[""] in ("vnni", "portable")
+    np.testing.assert_array_equal(out[""], out["portable"])

@@ -150,3 +150,39 @@ def test_real_model_logits_match_reference(real_model, real_model_path):
     got = real_model.logits(ids)
     assert max_rel_err(got, want) < LOGIT_RTOL
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_decode_on_two_threads_gives_the_bits_of_one(tiny_gguf):
+    """Decode steps of a few tokens on two threads equal one thread's, bit for bit, over many
+    steps at growing context (the server picks the thread count per step: results must not
+    depend on it)."""
+    import numba
+
+    path = tiny_gguf("Q4_1", context_length=1024)
+    model = Model(path, max_batch=4, kv_blocks=256, threads=2)
+    if model.threads < 2:
+        pytest.skip("needs two Numba threads")
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, 300, n).astype(np.int32) for n in (200, 120)]
+    logits = {}
+    for threads in (1, 2):
+        model.step_threads = {"few": threads, "batch": threads}
+        tables, toks, pos, steps = [], [], [], []
+        for p in prompts:
+            blocks = model.kv.allocator.allocate(model.kv.blocks_for(len(p) + 301))
+            tables.append(np.array(blocks, np.int32))
+            last = model.prefill(p, tables[-1], 0)
+            toks.append(int(np.argmax(last)))
+            pos.append(len(p))
+        table = np.stack([np.pad(t, (0, max(map(len, tables)) - len(t))) for t in tables])
+        for _ in range(300):
+            out = model.decode(np.array(toks, np.int32), np.array(pos, np.int32), table)
+            steps.append(out.copy())
+            toks = [int(t) for t in np.argmax(out, axis=1)]
+            pos = [q + 1 for q in pos]
+        for t in tables:
+            model.kv.allocator.free(t.tolist())
+        logits[threads] = np.stack(steps)
+        assert np.isfinite(logits[threads]).all()
+    np.testing.assert_array_equal(logits[1], logits[2])
+    numba.set_num_threads(model.threads)

@@ -227,10 +227,11 @@ def test_drain_waits_for_a_slow_step_to_send_the_finals(model_path):
     reg = Registry([ModelEntry(name="tiny", path=str(model_path), max_batch=8)])
     with ServerThread(reg, ServerOptions(port=0, metrics_port=None)) as srv:
         model = srv.runtime().model
-        decode, slept = model.decode, []
+        decode, calls, slept = model.decode, [], []
 
         def slow_decode(*args):
-            if not slept:  # the step the drain will find running
+            calls.append(len(args[0]))
+            if len(calls) == 3 and not slept:  # a decode step of the streams: the drain finds it running
                 slept.append(True)
                 time.sleep(3.5)  # past the 2.5 s the drain used to wait
             return decode(*args)
@@ -241,11 +242,12 @@ def test_drain_waits_for_a_slow_step_to_send_the_finals(model_path):
 
         async def main():
             async with AsyncWaferClient(srv.address, timeout=60) as c:
+                model.decode = slow_decode  # before the streams: a fast engine finishes them in 0.3 s
                 tasks = [asyncio.ensure_future(stream(c, i)) for i in range(4)]
-                await asyncio.sleep(0.3)
-                model.decode = slow_decode
-                while not slept:
+                deadline = time.monotonic() + 60
+                while not slept and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
+                assert slept, f"no third decode step in 60 s ({len(calls)} calls)"
                 await asyncio.to_thread(srv.drain, 0.0, 60)
                 return await asyncio.gather(*tasks)
 
@@ -294,8 +296,8 @@ def test_engine_sched_idle_runs_the_compute_threads_under_sched_idle(model_path)
         assert os.sched_getscheduler(engine) == os.SCHED_IDLE
         assert os.sched_getscheduler(rt.publisher.native_id) == os.SCHED_OTHER
         assert os.sched_getscheduler(srv.thread.native_id) == os.SCHED_OTHER
-        with WaferClient(srv.address, timeout=60) as c:
-            assert c.complete("hi", max_tokens=3, temperature=0)[1].usage["completion_tokens"] == 3
+        with WaferClient(srv.address, timeout=60) as c:  # a prompt past 64 tokens: a step on every thread
+            assert c.complete("hi " * 100, max_tokens=3, temperature=0)[1].usage["completion_tokens"] == 3
         if numba.threading_layer() == "omp" and numba.get_num_threads() > 1:  # its own workers
             idle = [int(t) for t in os.listdir("/proc/self/task")
                     if int(t) != engine and _policy(int(t)) == os.SCHED_IDLE]

@@ -52,6 +52,8 @@ Modules, each importing only those above it:
   preempt; ``batch``: the decode batch's rows
 - ``speculate``: speculative decoding by prompt lookup: the n-gram proposer, the acceptance
   rule (greedy and rejection sampling), when and how much to speculate
+- ``verify``: the decode step's speculative part: plan drafts, verify them in the batch's model
+  call, take the accepted tokens (a mixin of ``core``)
 - ``core``: the engine thread's model work (decode, prefill, finishing, preemption)
 - ``admission``: the estimated queue wait of a new request, refusing it beyond a bound
 - ``scheduler``: Scheduler: the step's order, the loop and its thread, commands, the front
