@@ -122,7 +122,10 @@ def test_without_max_queue_ms_nothing_is_refused_for_its_wait(path):
 
 
 def test_cancelled_and_preempted_work_leaves_the_sums_balanced(path):
-    sched, events = make(path, max_queue_ms=10_000)
+    # a model of its own: a long prefill on the shared model after other tests' work has hit a
+    # NaN / ZeroDivisionError in the forward pass on two threads (an open engine defect, seen
+    # since the batch-invariant kernels; reproduced outside the tests), not an admission matter
+    sched, events = make(path, kv_blocks=128, max_queue_ms=10_000)
     sched.admission.force(prefill_tok_s=1000.0)
     a, b = req(300, n_out=50), req(300)
     sched.submit(a)
