@@ -166,6 +166,11 @@ class Model:
 
     def _step(self, tokens, positions, token_seq, block_tables, logit_rows, logits):
         T = tokens.size
+        if T and not 0 <= tokens.min() <= tokens.max() < self.config.vocab_size:
+            # the embedding lookup does not bounds-check: an id past the vocabulary reads
+            # whatever memory follows the table (NaN logits, a ZeroDivisionError in attention)
+            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0]
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self.config.vocab_size}")
         numba.set_num_threads(self.step_threads["few"] if T <= K.GEMV_MAX_TOKENS else
                               self.step_threads["batch"] if T <= TUNED_BATCH_MAX else self.threads)
         forward(tokens, positions, token_seq, block_tables, logit_rows, self.weights,

@@ -78,6 +78,17 @@ def test_long_prompt_is_chunked(models, tiny_gguf):
     assert max_rel_err(model.logits(prompt), reference_logits(tiny_gguf("Q8_0"), prompt)) < LOGIT_RTOL
 
 
+def test_a_token_id_outside_the_vocabulary_is_refused(models):
+    """The embedding lookup does not bounds-check, so the step does: a bad id once read past
+    the table and gave NaN logits."""
+    model = models("Q8_0")
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary of {vocab}"):
+            model.logits([1, bad, 2])
+    assert np.isfinite(model.logits(PROMPT)).all()
+
+
 @pytest.mark.parametrize("n_seqs", [K.GEMV_MAX_TOKENS, 13])  # matrix-vector and matrix paths
 @pytest.mark.parametrize("weight_type", ["Q4_1", "Q8_0"])
 def test_batched_decode_equals_single_steps(models, weight_type, n_seqs):

@@ -65,6 +65,15 @@ def test_bounded_waiting_queue(path):
     sched.submit(Request([1, 2], greedy(4)))  # room again once admitted
 
 
+def test_a_token_id_outside_the_vocabulary_is_refused_at_submit(path):
+    sched, _ = make(path)
+    vocab = sched.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"prompt token id {bad} is outside the vocabulary \[0, {vocab}\)"):
+            sched.submit(Request([1, bad, 2], greedy(4)))
+    assert sched.num_waiting == 0
+
+
 def _wait_final(events, req, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -227,7 +227,7 @@ def test_mixed_load_every_call_ends_and_the_pool_empties(model_path):
         breaks_off = r.random() < 0.2
         n = 0
         try:
-            async for item in c.generate("x" * r.choice([1, 10, 200]), timeout=r.choice([None, 0.05, 0.5]), **kw):
+            async for item in c.generate("x" * r.choice([1, 10, 200]), timeout=r.choice([None, 0.001, 0.05, 0.5]), **kw):
                 if isinstance(item, Completion):
                     return "final"
                 n += 1

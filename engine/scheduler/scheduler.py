@@ -47,7 +47,10 @@ class Scheduler(SchedulerCore):
     def submit(self, req: Request) -> None:
         """Queue a request; raise QueueFull beyond ``max_waiting``, Overloaded (a QueueFull) when
         its estimated queue wait exceeds ``max_queue_ms`` or its remaining deadline,
-        SchedulerClosed when draining."""
+        SchedulerClosed when draining; ValueError for a token id outside the vocabulary."""
+        if req.prompt and not 0 <= min(req.prompt) <= max(req.prompt) < self.vocab_size:
+            bad = next(t for t in req.prompt if not 0 <= t < self.vocab_size)
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         adm = self.admission
         running = len(self.running)
         est = adm.estimate(self._inbox.pending_new, running)
