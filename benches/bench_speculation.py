@@ -1,7 +1,9 @@
 """Speculative decoding by prompt lookup on the real model: a code-editing workload (prompts that
 hold code and ask for a rename, a fix, a rewrite) and a free-writing one. Single stream with and
 without speculation (greedy, alternating in rounds, so both see the same machine), acceptance
-rate and mean accepted length; then 16 streams at once through the scheduler, aggregate tok/s.
+rate and mean accepted length; then 16 streams at once through the scheduler, aggregate tok/s;
+and a verify step's cost by its rows, next to the table the adaptive choice of k uses
+(engine.scheduler.speculate.STEP_COST[numerics]; `--step-cost` measures only that).
 Reports; asserts nothing about time (the outputs must be equal: greedy output is unchanged).
 
     .venv/bin/python -m pytest benches/bench_speculation.py -s     # or
@@ -21,6 +23,7 @@ from engine.generate import Generation
 from engine.model import Model
 from engine.sampling import SamplingParams
 from engine.scheduler import FinishEvent, Request, Scheduler, SchedulerConfig, TokenEvent, iter_events
+from engine.scheduler.speculate import STEP_COST
 
 THREADS = int(os.environ.get("WAFER_THREADS", "2"))
 K = 5
@@ -175,10 +178,36 @@ def streams(model: Model, prompts: list[list[int]], k: int, max_tokens: int) -> 
             "mean_accepted_length": 1 + acc / steps if steps else 0.0}
 
 
+def step_costs(model: Model, context: int = 300, reps: int = 25) -> list[float]:
+    """A decode step's time by its rows (1 .. 5: one sequence's last token and its
+    drafts, at ``context`` tokens of history), relative to one row; the minimum of ``reps``
+    interleaved rounds, so every row count sees the same machine."""
+    kv = model.kv
+    top = len(STEP_COST[model.numerics])
+    blocks = kv.allocator.allocate(kv.blocks_for(context + top))
+    try:
+        table = np.array(blocks, dtype=np.int32).reshape(1, -1)
+        model.prefill(np.arange(1, context + 1, dtype=np.int32) % 1000, table[0], 0)
+        tok = np.arange(7, 7 + top, dtype=np.int32)
+        pos = np.arange(context, context + top, dtype=np.int32)
+        seq = np.zeros(top, np.int32)
+        best = [float("inf")] * top
+        for _ in range(reps):
+            for n in range(1, top + 1):
+                t0 = time.perf_counter()
+                model.decode_rows(tok[:n], pos[:n], seq[:n], table)
+                best[n - 1] = min(best[n - 1], time.perf_counter() - t0)
+    finally:
+        kv.allocator.free(blocks)
+    return [b / best[0] for b in best] + [best[0] * 1e3]
+
+
 def run_all(model: Model, k: int = K, max_tokens: int = 128, rounds: int = 2) -> dict:
     code = [code_prompt(model, i, c) for i, c in CODE_EDITS]
     free = [free_prompt(model, t) for t in FREE_WRITING]
     out = {"k": k, "max_tokens": max_tokens, "rounds": rounds, "numerics": model.numerics}
+    *rel, one_ms = step_costs(model)
+    out["step_cost"] = {"measured": rel, "table": list(STEP_COST[model.numerics]), "one_row_ms": one_ms}
     out["code_edit"] = compare(model, code, k, max_tokens, rounds)
     out["free_writing"] = compare(model, free, k, max_tokens, rounds)
     many = [code[i % len(code)] for i in range(STREAMS)]
@@ -193,9 +222,15 @@ def run_all(model: Model, k: int = K, max_tokens: int = 128, rounds: int = 2) ->
     return out
 
 
+def print_step_cost(c: dict) -> None:
+    print(f"  verify step cost by rows 1-{len(c['table'])} (one row {c['one_row_ms']:.2f} ms): measured "
+          f"{', '.join(f'{v:.2f}' for v in c['measured'])}; STEP_COST {', '.join(map(str, c['table']))}")
+
+
 def print_report(r: dict) -> None:
     print(f"\nspeculation by prompt lookup, k={r['k']}, greedy, {r['max_tokens']} tokens, "
           f"{r['rounds']} alternating rounds, numerics={r['numerics']}")
+    print_step_cost(r["step_cost"])
     for name in ("code_edit", "free_writing"):
         c = r[name]
         print(f"  {name:<13} single stream: {c['tok_s_plain']:6.1f} -> {c['tok_s_spec']:6.1f} tok/s "
@@ -229,10 +264,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--numerics", default="exact")
+    ap.add_argument("--step-cost", action="store_true", help="only measure the verify step's cost by rows")
     args = ap.parse_args()
     model = Model(resolve_model("smollm2-135m"), max_batch=STREAMS, threads=THREADS,
                   numerics=args.numerics)
     model.warmup()
+    if args.step_cost:
+        *rel, one_ms = step_costs(model)
+        print_step_cost({"measured": rel, "table": list(STEP_COST[model.numerics]), "one_row_ms": one_ms})
+        return
     print_report(run_all(model, args.k, args.max_tokens, args.rounds))
 
 

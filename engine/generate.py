@@ -78,7 +78,7 @@ class Generation:
         history = np.empty(n_total, dtype=np.int32)
         history[: self.prompt.size] = self.prompt
         n = self.prompt.size
-        spec = Speculator.for_params(params)
+        spec = Speculator.for_params(params, numerics=model.numerics)
         k_max = spec.k_max if spec else 0
         rows_tok = np.zeros(k_max + 1, np.int32)
         rows_pos = np.zeros(k_max + 1, np.int32)

@@ -93,27 +93,48 @@ def dequant_row(w, l, r, out):
 
 
 @jit
-def dot_4x4(w, l, r, x, t, out):
+def dot_4xn(w, l, r, x, t, n, out):
+    """Rows r..r+3 against n (1-4) tokens from t, in one pass over the rows' blocks."""
     if w.fmt == Q4:
-        S.dot_q4_4x4(w.q4[l], w.scales[l], r, x, t, out, r, w.rows)
+        q, s = w.q4[l], w.scales[l]
+        if n == 4:
+            S.dot_q4_4x4(q, s, r, x, t, out, r, w.rows)
+        elif n == 3:
+            S.dot_q4_4x3(q, s, r, x, t, out, r, w.rows)
+        elif n == 2:
+            S.dot_q4_4x2(q, s, r, x, t, out, r, w.rows)
+        else:
+            S.dot_q4_4x1(q, s, r, x, t, out, r, w.rows)
     elif w.fmt == Q8:
-        S.dot_q8_4x4(w.q8[l], w.scales[l], r, x, t, out, r, w.rows)
+        q, s = w.q8[l], w.scales[l]
+        if n == 4:
+            S.dot_q8_4x4(q, s, r, x, t, out, r, w.rows)
+        elif n == 3:
+            S.dot_q8_4x3(q, s, r, x, t, out, r, w.rows)
+        elif n == 2:
+            S.dot_q8_4x2(q, s, r, x, t, out, r, w.rows)
+        else:
+            S.dot_q8_4x1(q, s, r, x, t, out, r, w.rows)
     elif w.fmt == F16:
-        S.dot_f16_4x4(w.f16[l], w.f16[l], r, x, t, out, r, w.rows)
+        h = w.f16[l]
+        if n == 4:
+            S.dot_f16_4x4(h, h, r, x, t, out, r, w.rows)
+        elif n == 3:
+            S.dot_f16_4x3(h, h, r, x, t, out, r, w.rows)
+        elif n == 2:
+            S.dot_f16_4x2(h, h, r, x, t, out, r, w.rows)
+        else:
+            S.dot_f16_4x1(h, h, r, x, t, out, r, w.rows)
     else:
-        S.dot_f32_4x4(w.f32[l], w.f32[l], r, x, t, out, r, w.rows)
-
-
-@jit
-def dot_4x1(w, l, r, x, t, out):
-    if w.fmt == Q4:
-        S.dot_q4_4x1(w.q4[l], w.scales[l], r, x, t, out, r, w.rows)
-    elif w.fmt == Q8:
-        S.dot_q8_4x1(w.q8[l], w.scales[l], r, x, t, out, r, w.rows)
-    elif w.fmt == F16:
-        S.dot_f16_4x1(w.f16[l], w.f16[l], r, x, t, out, r, w.rows)
-    else:
-        S.dot_f32_4x1(w.f32[l], w.f32[l], r, x, t, out, r, w.rows)
+        f = w.f32[l]
+        if n == 4:
+            S.dot_f32_4x4(f, f, r, x, t, out, r, w.rows)
+        elif n == 3:
+            S.dot_f32_4x3(f, f, r, x, t, out, r, w.rows)
+        elif n == 2:
+            S.dot_f32_4x2(f, f, r, x, t, out, r, w.rows)
+        else:
+            S.dot_f32_4x1(f, f, r, x, t, out, r, w.rows)
 
 
 @jit
@@ -156,6 +177,22 @@ def idot_rows(w, l, r, n_rows, a, t0, t1, out):
                 I.idot_q8_1x1(w.q8[l], w.scales[l], r, a.qx, a.dx, a.xs, t, out, r, w.rows)
 
 
+@jit
+def idot_4x_few(w, l, r, a, n_tok, out):
+    """Fast mode: rows r..r+3 against 2 or 3 tokens (a verify step) in one pass over the rows.
+    Kept apart from idot_rows: inlined there, these kernels slowed its 4x4 loop by ~10%."""
+    if w.fmt == Q4:
+        if n_tok == 3:
+            I.idot_q4_4x3(w.q4[l], w.scales[l], r, a.qx, a.dx, a.xs, 0, out, r, w.rows)
+        else:
+            I.idot_q4_4x2(w.q4[l], w.scales[l], r, a.qx, a.dx, a.xs, 0, out, r, w.rows)
+    else:
+        if n_tok == 3:
+            I.idot_q8_4x3(w.q8[l], w.scales[l], r, a.qx, a.dx, a.xs, 0, out, r, w.rows)
+        else:
+            I.idot_q8_4x2(w.q8[l], w.scales[l], r, a.qx, a.dx, a.xs, 0, out, r, w.rows)
+
+
 # --------------------------------------------------------------------------------------------
 # The matrix product driver
 
@@ -181,7 +218,10 @@ def matmul(w, l, x, n_tok, out, wtiles, act, fast):
     """
     if fast and (w.fmt == Q4 or w.fmt == Q8):
         quantize_rows(x, n_tok, w.cols, w.fmt == Q4, act)
-        matmul_int8(w, l, act, n_tok, out)
+        if n_tok == 2 or n_tok == 3:
+            matmul_int8_few(w, l, act, n_tok, out)
+        else:
+            matmul_int8(w, l, act, n_tok, out)
     elif n_tok <= GEMV_MAX_TOKENS:
         gemv(w, l, x, n_tok, out)
     else:
@@ -193,13 +233,8 @@ def gemv(w, l, x, n_tok, out):
     N = w.rows
     for g in prange(N // 4):
         r = 4 * g
-        t = 0
-        while t + 4 <= n_tok:
-            dot_4x4(w, l, r, x, t, out)
-            t += 4
-        while t < n_tok:
-            dot_4x1(w, l, r, x, t, out)
-            t += 1
+        for t in range(0, n_tok, 4):
+            dot_4xn(w, l, r, x, t, min(4, n_tok - t), out)
     for r in range(N - N % 4, N):
         for t in range(n_tok):
             dot_1x1(w, l, r, x, t, out)
@@ -222,9 +257,12 @@ def gemm(w, l, x, n_tok, out, wtiles):
                 while t + 4 <= t1:
                     S.dot_f32_4x4(wt, wt, r, x, t, out, r0 + r, r0 + nr)
                     t += 4
-                while t < t1:
+                if t1 - t == 3:
+                    S.dot_f32_4x3(wt, wt, r, x, t, out, r0 + r, r0 + nr)
+                elif t1 - t == 2:
+                    S.dot_f32_4x2(wt, wt, r, x, t, out, r0 + r, r0 + nr)
+                elif t1 - t == 1:
                     S.dot_f32_4x1(wt, wt, r, x, t, out, r0 + r, r0 + nr)
-                    t += 1
 
 
 @pjit
@@ -242,6 +280,16 @@ def matmul_int8(w, l, act, n_tok, out):
             while r < r1:
                 idot_rows(w, l, r, 1, act, t0, t1, out)
                 r += 1
+
+
+@pjit
+def matmul_int8_few(w, l, act, n_tok, out):
+    """matmul_int8 for 2 or 3 tokens: four rows at a time against all of them."""
+    N = w.rows
+    for g in prange(N // 4):
+        idot_4x_few(w, l, 4 * g, act, n_tok, out)
+    for r in range(N - N % 4, N):
+        idot_rows(w, l, r, 1, act, 0, n_tok, out)
 
 
 @jit

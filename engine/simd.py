@@ -317,10 +317,16 @@ def _exact(fmt, R, T):
 
 # dot_<fmt>_<R>x<T>(w, s, wr0, x, t0, out, or0, r_end): w, s one layer's [rows, ...] values and
 # scales; R rows from wr0 against T tokens from t0, into out[t, or0 + i] while or0 + i < r_end.
-dot_q4_4x4, dot_q4_4x1, dot_q4_1x1 = _exact("q4", 4, 4), _exact("q4", 4, 1), _exact("q4", 1, 1)
-dot_q8_4x4, dot_q8_4x1, dot_q8_1x1 = _exact("q8", 4, 4), _exact("q8", 4, 1), _exact("q8", 1, 1)
-dot_f16_4x4, dot_f16_4x1, dot_f16_1x1 = _exact("f16", 4, 4), _exact("f16", 4, 1), _exact("f16", 1, 1)
-dot_f32_4x4, dot_f32_4x1, dot_f32_1x1 = _exact("f32", 4, 4), _exact("f32", 4, 1), _exact("f32", 1, 1)
+# 4x2 and 4x3 serve a verify step's 2-3 rows with one pass over the 4 weight rows (4x1 twice
+# or three times would dequantize them again for every token).
+dot_q4_4x4, dot_q4_4x3, dot_q4_4x2 = _exact("q4", 4, 4), _exact("q4", 4, 3), _exact("q4", 4, 2)
+dot_q4_4x1, dot_q4_1x1 = _exact("q4", 4, 1), _exact("q4", 1, 1)
+dot_q8_4x4, dot_q8_4x3, dot_q8_4x2 = _exact("q8", 4, 4), _exact("q8", 4, 3), _exact("q8", 4, 2)
+dot_q8_4x1, dot_q8_1x1 = _exact("q8", 4, 1), _exact("q8", 1, 1)
+dot_f16_4x4, dot_f16_4x3, dot_f16_4x2 = _exact("f16", 4, 4), _exact("f16", 4, 3), _exact("f16", 4, 2)
+dot_f16_4x1, dot_f16_1x1 = _exact("f16", 4, 1), _exact("f16", 1, 1)
+dot_f32_4x4, dot_f32_4x3, dot_f32_4x2 = _exact("f32", 4, 4), _exact("f32", 4, 3), _exact("f32", 4, 2)
+dot_f32_4x1, dot_f32_1x1 = _exact("f32", 4, 1), _exact("f32", 1, 1)
 
 
 def _dequant(fmt):

@@ -154,5 +154,7 @@ def _fast(fmt, R, T):
 
 # idot_<fmt>_<R>x<T>(w, s, wr0, qx, dx, xs, t0, out, or0, r_end): as engine.simd's dot_*,
 # with the activations quantized by kernels.quantize_rows.
-idot_q4_4x4, idot_q4_4x1, idot_q4_1x1 = _fast("q4", 4, 4), _fast("q4", 4, 1), _fast("q4", 1, 1)
-idot_q8_4x4, idot_q8_4x1, idot_q8_1x1 = _fast("q8", 4, 4), _fast("q8", 4, 1), _fast("q8", 1, 1)
+idot_q4_4x4, idot_q4_4x3, idot_q4_4x2 = _fast("q4", 4, 4), _fast("q4", 4, 3), _fast("q4", 4, 2)
+idot_q4_4x1, idot_q4_1x1 = _fast("q4", 4, 1), _fast("q4", 1, 1)
+idot_q8_4x4, idot_q8_4x3, idot_q8_4x2 = _fast("q8", 4, 4), _fast("q8", 4, 3), _fast("q8", 4, 2)
+idot_q8_4x1, idot_q8_1x1 = _fast("q8", 4, 1), _fast("q8", 1, 1)

@@ -324,7 +324,8 @@ class Scheduler(SchedulerCore):
         end = min(seq.n_tokens + req.params.max_tokens, self.context_length)
         seq.begin_turn(req, seq.num_computed, StreamPolicy(req.params, self.vocab_size,
                                                            self.tokenizer, self.eos_id, end))
-        seq.spec = Speculator.for_params(req.params, self.cfg.num_speculative_tokens)
+        seq.spec = Speculator.for_params(req.params, self.cfg.num_speculative_tokens,
+                                        self.model.numerics)
         if req.deadline_ns is not None:
             self._next_deadline_ns = min(self._next_deadline_ns, req.deadline_ns)
         self._enqueue(seq)

@@ -26,7 +26,7 @@ Stop conditions are checked token by token over the emitted tokens: nothing past
 Adaptive (:class:`Speculator`): per sequence, a decayed count of accepted and rejected drafts
 estimates the per-token acceptance ``a``; each step drafts the ``k`` (at most the request's)
 that maximises the expected tokens per time, ``E(k) = (1 - a^(k+1)) / (1 - a)`` tokens for a
-step that costs ``STEP_COST`` of its rows (measured; :meth:`Speculator.plan`). When no ``k``
+step that costs ``STEP_COST[numerics]`` of its rows (measured; :meth:`Speculator.plan`). When no ``k``
 gains ``MIN_GAIN``, the sequence stops speculating for a back-off that
 doubles (``PAUSE_MIN`` .. ``PAUSE_MAX`` steps) and then probes once with the cheapest drafts: free writing, where lookups rarely hit, pays almost nothing.
 """
@@ -40,13 +40,14 @@ from engine.sampling import _draw  # the one-draw routine Sampler uses
 
 __all__ = ["propose", "Speculator", "STEP_COST"]
 
-# A decode step's time by its rows, relative to one row (SmolLM2-135M, exact numerics, 2 cores,
-# min of 25, 2026-12-06: 5.0 / 10.7 / 14.6 / 7.6 / 11.0 ms). The matrix-vector kernels take rows
-# four at a time (4 rows: one pass over the weights) and the rest one at a time, so 4 rows cost
-# less than 2 or 3; from GEMV_MAX_TOKENS + 1 rows on, the matrix path is compute-bound (6 rows
-# 16.0 ms) and a draft row costs about what a token does: no speculation there. Re-measure when
-# the kernels change (benches/bench_speculation.py reports the outcome).
-STEP_COST = (1.0, 2.1, 2.9, 1.52, 2.2)
+# A decode step's time by its rows, relative to one row, per numeric mode (SmolLM2-135M, 2 cores,
+# min of 40, `python -m benches.bench_speculation --step-cost [--numerics fast]`, 2026-12-06;
+# exact: 4.7 / 6.0 / 6.6 / 7.5 / 10.6 ms). The matrix-vector kernels take 1-4 rows in one pass
+# over the weights (the unpacking is shared, the multiply-adds are not), 5 rows in two; from
+# GEMV_MAX_TOKENS + 1 rows on, the matrix path is compute-bound and a draft row costs about what
+# a token does: no speculation there. Re-measure when the kernels change.
+STEP_COST = {"exact": (1.0, 1.3, 1.42, 1.55, 2.25),
+             "fast": (1.0, 1.22, 1.38, 1.76, 1.99)}
 MIN_GAIN = 1.05         # expected tokens per time, relative to plain decoding, below this: stop
                         # speculating for a while
 DECAY = 0.7             # weight of the past in the acceptance estimate, per speculative step
@@ -92,12 +93,13 @@ class Speculator:
     """One sequence's speculation: its drafts, the acceptance rule, the adaptive choice of ``k``
     and its counts (steps that verified drafts, drafts, accepted drafts, accepted per position)."""
 
-    __slots__ = ("k_max", "min_n", "max_n", "drafts", "acc", "rej", "pause", "backoff",
+    __slots__ = ("k_max", "min_n", "max_n", "cost", "drafts", "acc", "rej", "pause", "backoff",
                  "probe", "steps", "drafted", "accepted", "per_pos")
 
-    def __init__(self, k: int, prompt_lookup_min: int, prompt_lookup_max: int):
+    def __init__(self, k: int, prompt_lookup_min: int, prompt_lookup_max: int, numerics: str = "exact"):
         self.k_max = k
         self.min_n, self.max_n = prompt_lookup_min, prompt_lookup_max
+        self.cost = STEP_COST[numerics]
         self.drafts = np.zeros(k, dtype=np.int32)
         self.acc, self.rej = PRIOR_ACCEPTED, PRIOR_REJECTED
         self.pause = 0
@@ -107,24 +109,26 @@ class Speculator:
         self.per_pos = [0] * k
 
     @classmethod
-    def for_params(cls, params, default_k: int = 0) -> "Speculator | None":
-        """The speculator a request asks for (``num_speculative_tokens`` None: ``default_k``)."""
+    def for_params(cls, params, default_k: int = 0, numerics: str = "exact") -> "Speculator | None":
+        """The speculator a request asks for (``num_speculative_tokens`` None: ``default_k``), on
+        a model of ``numerics``."""
         k = params.num_speculative_tokens
         k = default_k if k is None else k
         if not k:
             return None
-        return cls(k, params.prompt_lookup_min, params.prompt_lookup_max)
+        return cls(k, params.prompt_lookup_min, params.prompt_lookup_max, numerics)
 
     # ---------------------------------------------------------------- when and how much
 
     def plan(self, batch: int = 1, rows: int | None = None) -> int:
         """How many drafts to ask for this step (0: not now), in a decode step of ``batch``
         sequences with ``rows`` rows planned so far (default ``batch``): the ``k`` that
-        maximises the step's expected tokens per time, ``(batch - 1 + E(k)) / STEP_COST[rows + k]``
-        against ``batch / STEP_COST[rows]``, if that gains MIN_GAIN; after a pause, a probe
+        maximises the step's expected tokens per time, ``(batch - 1 + E(k)) / cost[rows + k]``
+        against ``batch / cost[rows]``, if that gains MIN_GAIN; after a pause, a probe
         with the drafts that are cheapest per draft."""
         rows = batch if rows is None else rows
-        top = len(STEP_COST)
+        cost = self.cost
+        top = len(cost)
         if rows >= top:
             return 0
         if self.pause:
@@ -134,12 +138,12 @@ class Speculator:
             return 0
         ks = range(1, min(self.k_max, top - rows) + 1)
         if self.probe:
-            return max(ks, key=lambda k: k / STEP_COST[rows + k - 1])
+            return max(ks, key=lambda k: k / cost[rows + k - 1])
         a = self.acc / (self.acc + self.rej)
-        base = batch / STEP_COST[rows - 1]
+        base = batch / cost[rows - 1]
         best_k, best = 0, 0.0
         for k in ks:
-            gain = (batch - 1 + expected_tokens(a, k)) / STEP_COST[rows + k - 1] / base
+            gain = (batch - 1 + expected_tokens(a, k)) / cost[rows + k - 1] / base
             if gain > best:
                 best_k, best = k, gain
         if best < MIN_GAIN:
