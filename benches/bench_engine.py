@@ -56,7 +56,7 @@ def _sequence(model, n_tokens):
 
 @pytest.fixture(scope="module")
 def weights_bandwidth_gbs(model):
-    """The same parallel sum over a buffer the size of the weights: the rate those bytes can be
+    """The same parallel read over a buffer the size of the weights: the rate those bytes can be
     read at here (from the cache, where a machine's last-level cache holds them)."""
     gbs = measure_read_bandwidth(model.weight_bytes_per_token())
     REPORT["weights-sized read"] = {"GB/s": round(gbs, 2),
@@ -369,38 +369,62 @@ ACCURACY_TEXT = (
     "city is usually named as the place where Gutenberg built his first press? Answer: Mainz, a "
     "city on the Rhine, where he worked in the 1440s and 1450s before printing his famous Bible, "
     "of which about forty-nine copies survive today in libraries around the world.")
+ACCURACY_CODE = (  # code, as a coding assistant reads it
+    "import json\nfrom pathlib import Path\n\n\nclass Inventory:\n    \"\"\"Items by name, with "
+    "their count and unit price.\"\"\"\n\n    def __init__(self, path):\n        self.path = Path(path)\n"
+    "        self.items = json.loads(self.path.read_text()) if self.path.exists() else {}\n\n"
+    "    def add(self, name, count, price):\n        item = self.items.setdefault(name, {\"count\": 0, "
+    "\"price\": price})\n        item[\"count\"] += count\n        item[\"price\"] = price\n\n"
+    "    def total_value(self):\n        return sum(i[\"count\"] * i[\"price\"] for i in "
+    "self.items.values())\n\n    def save(self):\n        self.path.write_text(json.dumps(self.items, "
+    "indent=2))\n\n\ndef cheapest(inventory, n=3):\n    ranked = sorted(inventory.items.items(), "
+    "key=lambda kv: kv[1][\"price\"])\n    return [name for name, _ in ranked[:n]]\n")
+ACCURACY_CHAT = (  # a dialogue, through plain text
+    "User: My bike chain keeps slipping when I climb hills. What should I check first?\n"
+    "Assistant: Start with the chain itself: measure its stretch with a chain checker, because a "
+    "worn chain no longer sits deep in the cassette teeth. If it is past 0.75 percent, replace it, "
+    "and expect to replace the cassette too if the teeth look like shark fins. Then check the "
+    "derailleur hanger for a bend and the cable tension with the barrel adjuster.\n"
+    "User: The chain is new. Could it be the cassette?\nAssistant: Yes. A new chain on a worn "
+    "cassette skips under load, exactly when you climb.")
+ACCURACY_TEXTS = (ACCURACY_TEXT, ACCURACY_CODE, ACCURACY_CHAT)
 
 
 def test_accuracy_vs_reference(benchmark, models, model_path, tmp_path):
-    """Teacher-forced logits of a held-out paragraph against the float64 numpy reference
-    (tests/reference.py: HF-style math on the same quantized weights): the largest error on
-    the reference's top-5 logits of each position, and how often the argmax agrees; for
-    exact, fast and (when the peer is there) llama.cpp."""
+    """Teacher-forced logits of held-out texts (prose, code, a dialogue) against the float64
+    numpy reference (tests/reference.py: HF-style math on the same quantized weights): the
+    error on the reference's top-5 logits of each position (largest, mean, 99th percentile)
+    and how often the argmax agrees; for exact, fast and (when the peer is there) llama.cpp."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from reference import reference_logits
 
-    tokens = models("exact").tokenizer.encode(ACCURACY_TEXT)
-    got = {}
+    texts = [models("exact").tokenizer.encode(t) for t in ACCURACY_TEXTS]
+    errs, agree = {}, {}
 
     def run():
-        want = reference_logits(model_path, tokens)
-        got["want"] = want
-        for m in MODES:
-            got[m] = models(m).logits(tokens)
         python = _peer_python()
-        if python:
-            p = Peer(python, model_path, n_ctx=len(tokens) + 16)
-            p(op="logits", tokens=tokens, out=str(tmp_path / "peer.npy"))
-            p.close()
-            got["llama.cpp"] = np.load(tmp_path / "peer.npy")
+        for i, tokens in enumerate(texts):
+            want = reference_logits(model_path, tokens)
+            got = {m: models(m).logits(tokens) for m in MODES}
+            if python:
+                p = Peer(python, model_path, n_ctx=len(tokens) + 16)
+                p(op="logits", tokens=tokens, out=str(tmp_path / f"peer{i}.npy"))
+                p.close()
+                got["llama.cpp"] = np.load(tmp_path / f"peer{i}.npy")
+            top5 = np.argsort(-want, axis=1)[:, :5]
+            for who, logits in got.items():
+                err = np.abs(np.take_along_axis(logits, top5, 1) - np.take_along_axis(want, top5, 1))
+                errs.setdefault(who, []).append(err.ravel())
+                agree[who] = agree.get(who, 0) + int((logits.argmax(1) == want.argmax(1)).sum())
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    want = got.pop("want")
-    top5 = np.argsort(-want, axis=1)[:, :5]
-    row = {"tokens": len(tokens)}
-    for who, logits in got.items():
-        err = np.abs(np.take_along_axis(logits, top5, 1) - np.take_along_axis(want, top5, 1))
-        row[f"{who}_top5_max_abs_err"] = round(float(err.max()), 5)
-        row[f"{who}_argmax_agree"] = f"{int((logits.argmax(1) == want.argmax(1)).sum())}/{len(tokens)}"
+    n = sum(len(t) for t in texts)
+    row = {"texts": len(texts), "tokens": n}
+    for who, e in errs.items():
+        e = np.concatenate(e)
+        row[f"{who}_top5_max_abs_err"] = round(float(e.max()), 5)
+        row[f"{who}_top5_mean_abs_err"] = round(float(e.mean()), 5)
+        row[f"{who}_top5_p99_abs_err"] = round(float(np.quantile(e, 0.99)), 5)
+        row[f"{who}_argmax_agree"] = f"{agree[who]}/{n}"
     REPORT["accuracy vs float64 reference"] = row
     benchmark.extra_info.update(row)

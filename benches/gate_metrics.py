@@ -171,7 +171,7 @@ class WallClock:
     """One model, timed against two references in interleaved rounds.
 
     decode_of_read_bw: the weights a B=1 decode step reads, per second, over the machine's read
-      bandwidth (a parallel sum over 4x the last-level cache), both timed in the same round.
+      bandwidth (a two-thread numpy read of 4x the last-level cache), both timed in the same round.
     prefill_of_blas: prefill-512 MACs per second over a float32 BLAS matrix product's.
     """
 
@@ -179,12 +179,12 @@ class WallClock:
     PREFILL = 512
 
     def __init__(self, model_path: str):
-        from benches.conftest import l3_cache_bytes
+        from benches.conftest import ReadPass, l3_cache_bytes
         from engine.model import Model
 
         self.model = m = Model(model_path, max_batch=1, threads=2)
         m.warmup()
-        self.stream = np.ones(max(1 << 29, 4 * l3_cache_bytes()) // 4, np.float32)
+        self.read = ReadPass(max(1 << 29, 4 * l3_cache_bytes()), threads=2)
         rng = np.random.default_rng(0)
         self.a = rng.standard_normal((1024, 1024), dtype=np.float32)
         self.b = rng.standard_normal((1024, 1024), dtype=np.float32)
@@ -195,22 +195,21 @@ class WallClock:
 
     def close(self) -> None:
         self.model.kv.allocator.free(self.blocks)
+        self.read.close()
 
     def round(self, passes: int = 3) -> dict[str, float]:
         """Each reference and subject timed in turn, `passes` times over, best of each: the
         two sides of a ratio are never more than a second apart."""
-        from benches.conftest import _sum_chunks
-
         m = self.model
         tok, pos = np.array([42], np.int32), np.array([self.CONTEXT], np.int32)
         best = dict.fromkeys(("read", "decode", "blas", "prefill"), float("inf"))
         for _ in range(passes):
-            best["read"] = min(best["read"], _best(lambda: _sum_chunks(self.stream, 256), 1))
+            best["read"] = min(best["read"], self.read.seconds())
             m.prefill(self.prompt[: self.CONTEXT], self.table, 0)
             best["decode"] = min(best["decode"], _best(lambda: m.decode(tok, pos, self.table[None]), 10))
             best["blas"] = min(best["blas"], _best(lambda: self.a @ self.b, 2))
             best["prefill"] = min(best["prefill"], _best(lambda: m.prefill(self.prompt, self.table, 0), 1))
-        read_gbs = self.stream.nbytes / best["read"] / 1e9
+        read_gbs = self.read.a.nbytes / best["read"] / 1e9
         decode_gbs = m.weight_bytes_per_token() / best["decode"] / 1e9
         blas_macs = 1024 ** 3 / best["blas"]
         prefill_macs = self.PREFILL * m.macs_per_token(with_head=False) / best["prefill"]
