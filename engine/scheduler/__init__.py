@@ -45,6 +45,7 @@ after its current step and joins the thread (or call ``scheduler.run()`` on a th
 
 Modules, each importing only those above it:
 
+- ``config``: SchedulerConfig, the limits and switches
 - ``events``: what the engine hands back (TokenEvent, DecodeStep, FinishEvent, ...), finish reasons
 - ``sequence``: Request, and the Sequence that carries it (tokens, KV blocks, turn state)
 - ``commands``: the typed commands other threads send (Submit, Cancel, ...) and their Inbox
@@ -62,7 +63,8 @@ Modules, each importing only those above it:
 from engine.scheduler.admission import Overloaded, WaitEstimate, WaitEstimator
 from engine.scheduler.commands import (Cancel, CloseSession, Command, FinishAll, QueueFull,
                                        SchedulerClosed, Submit)
-from engine.scheduler.core import ATTENTION_COST_FACTOR, SchedulerConfig
+from engine.scheduler.config import SchedulerConfig
+from engine.scheduler.core import ATTENTION_COST_FACTOR
 from engine.scheduler.events import (FINISH_CANCELLED, FINISH_DEADLINE, FINISH_ERROR,
                                      FINISH_LENGTH, FINISH_SHUTDOWN, FINISH_STOP, DecodeStep,
                                      FinishEvent, SeqStats, SessionExpired, TokenEvent, iter_events)

@@ -9,7 +9,6 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -18,6 +17,7 @@ from engine.sampling import logprobs_topn
 from engine.scheduler.batch import DecodeBatch
 from engine.scheduler.blocks import BlockManager, newest, unstick_victim
 from engine.scheduler.commands import Inbox
+from engine.scheduler.config import SchedulerConfig
 from engine.scheduler.events import FINISH_ERROR, DecodeStep, FinishEvent, TokenEvent, iter_events
 from engine.scheduler.sequence import Sequence
 from engine.scheduler.sessions import SessionStore
@@ -28,27 +28,6 @@ log = logging.getLogger(__name__)
 NO_DEADLINE = 1 << 62
 ATTENTION_COST_FACTOR = 3.0  # prefill attention's cost per flop against the weights' matmuls
                              # (SmolLM2-135M, 2 cores: a 6500-token prompt took 72.7 s, ~3.4x)
-
-
-@dataclass
-class SchedulerConfig:
-    max_batch: int = 64               # sequences per decode step (<= the model's max_batch)
-    max_waiting: int = 256            # bounded admission queue; beyond it QueueFull
-    prefill_chunk: int = 64           # prefill tokens per step while others decode
-    prefill_budget_idle: int = 512    # prefill tokens per step while nothing decodes (a burst of
-                                      # prompts: until the first of them has its first token); it
-                                      # bounds a step, between which cancels and deadlines act
-                                      # (512 prompt tokens take ~1.5 s on 2 cores at the start of
-                                      # a prompt; fewer deeper in, see chunk_at; prefill is
-                                      # compute-bound well below 512, so bigger gains nothing)
-    session_idle_timeout_s: float = 300.0
-    max_sessions: int = 256
-    max_queue_ms: float | None = None  # refuse a request whose estimated queue wait exceeds it
-                                       # (engine.scheduler.admission); None = no bound
-    prefix_caching: bool = True       # share full KV blocks of equal token prefixes across
-                                      # requests and sessions (engine.scheduler.blocks)
-    num_speculative_tokens: int = 0   # drafts per step for a request that leaves it unset
-                                      # (0 = no speculation; engine/scheduler/speculate.py)
 
 
 def _default_publish(items, quiet: bool = False) -> None:
