@@ -16,7 +16,11 @@ token -50%", published for a persistent WebSocket connection):
 
 The modes are interleaved turn by turn (the order rotates every turn), never run one after the
 other, so a machine getting busier hurts all three alike. Greedy, max 24 tokens per answer, one
-token per message. Each mode keeps its own conversation (its own answers appended).
+token per message. Each mode keeps its own conversation (its own answers appended), opened by a
+system message naming the round and the mode: the server's prefix cache is shared by all
+requests, so without it a stateless mode would find blocks that another mode (or an earlier
+round) computed for the same text, which no single client gets; a Session, which continues only
+its own KV, would look slower than it is. (Greedy answers may then differ a little by mode.)
 
 Per turn, from the client's receive times r_i and the engine time s_i each token carries
 (engine_step_ns: the decode step, or for the first token its prefill):
@@ -148,6 +152,11 @@ def _uncached_registry(args):
         yield ns
 
 
+def system_message(round_: int, mode_index: int) -> dict:
+    """The message that opens a conversation: the same length in every mode, distinct tokens."""
+    return {"role": "system", "content": f"You are a helpful coding assistant. Conversation {round_ + 1}.{mode_index + 1}"}
+
+
 async def measure(address: str, model: str, rounds: int, turns: int, max_tokens: int,
                   conn: dict | None = None, uncached: str = "") -> dict[str, list]:
     """Per mode, one RequestRecord per turn (interleaved); ``uncached``: the model name of the
@@ -166,7 +175,7 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
         await loaded_model(reused, model, address)
         await reused.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, model=model)  # connect
         for r in range(rounds):
-            history = {m: [] for m in modes}
+            history = {m: [system_message(r, i)] for i, m in enumerate(modes)}
             session = await sess_ch.session(model)
             try:
                 for t in range(turns):
@@ -183,8 +192,8 @@ async def measure(address: str, model: str, rounds: int, turns: int, max_tokens:
                             await collect(reused.generate(messages=msgs, model=model, **kw), rec)
                         elif mode == UNCACHED:
                             await collect(reused.generate(messages=msgs, model=uncached, **kw), rec)
-                        else:
-                            await collect(session.turn(messages=[user], **kw), rec)
+                        else:  # only the new message (the first turn: the system message too)
+                            await collect(session.turn(messages=msgs if t == 0 else [user], **kw), rec)
                         history[mode] = msgs + [{"role": "assistant", "content": rec.generated_text}]
                         out[mode].append(rec)
             finally:
