@@ -133,9 +133,11 @@ def server_tasks(server) -> int:
     return server.call(count(), 10)
 
 
-def take_baseline(server) -> Baseline:
+def take_baseline(server, models=MODELS) -> Baseline:
+    """The state to come back to; ``models``: the server's model names (default: the fault
+    server's), the ones ``assert_invariants`` then checks."""
     return Baseline(set(threading.enumerate()), server_tasks(server),
-                    {m: server.runtime(m).scheduler.allocator.num_used for m in MODELS})
+                    {m: server.runtime(m).scheduler.allocator.num_used for m in models})
 
 
 def extra_threads(baseline: Baseline) -> list[threading.Thread]:
@@ -151,7 +153,7 @@ def health_status(address: str) -> int:
 
 def assert_invariants(server, baseline: Baseline, ledger: Ledger | None = None) -> dict:
     """The server is back where it was: see the module docstring. Returns the ledger's counts."""
-    for m in MODELS:
+    for m in baseline.kv:
         s = server.runtime(m).scheduler
         assert wait_until(lambda: s.idle() and s.num_waiting == 0 and s.num_running == 0), \
             f"{m}: {s.num_running} running, {s.num_waiting} waiting"
