@@ -15,6 +15,7 @@ from engine.server.app import ServerOptions
 from engine.client import Completion, SessionError, Token, WaferClient
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
+from fault.faults import slow_engine
 from protos import wafer_pb2 as pb
 from serving import CONTEXT, kv_used, split, tiny_server, wait_until
 
@@ -121,7 +122,9 @@ def test_client_stopping_iteration_cancels(client, server):
 
 
 def test_deadline_exceeded_stops_generation(client, server):
-    with pytest.raises(grpc.RpcError) as e:
+    # 2 ms a decode step: ~2 s of generation, so the deadline always comes first (the tiny model
+    # alone decodes ~5 tokens a ms and sometimes finished inside 150 ms)
+    with slow_engine(server, "tiny", decode_s=0.002), pytest.raises(grpc.RpcError) as e:
         list(client.generate("deadline", max_tokens=CONTEXT - 10, temperature=0, timeout=0.15))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until(lambda: kv_used(server) == 0 and server.runtime().scheduler.num_running == 0)
