@@ -138,6 +138,19 @@ def dot_4xn(w, l, r, x, t, n, out):
 
 
 @jit
+def dot_4x5(w, l, r, x, out):
+    """Rows r..r+3 against tokens 0-4 in one pass over the rows' blocks."""
+    if w.fmt == Q4:
+        S.dot_q4_4x5(w.q4[l], w.scales[l], r, x, 0, out, r, w.rows)
+    elif w.fmt == Q8:
+        S.dot_q8_4x5(w.q8[l], w.scales[l], r, x, 0, out, r, w.rows)
+    elif w.fmt == F16:
+        S.dot_f16_4x5(w.f16[l], w.f16[l], r, x, 0, out, r, w.rows)
+    else:
+        S.dot_f32_4x5(w.f32[l], w.f32[l], r, x, 0, out, r, w.rows)
+
+
+@jit
 def dot_1x1(w, l, r, x, t, out):
     if w.fmt == Q4:
         S.dot_q4_1x1(w.q4[l], w.scales[l], r, x, t, out, r, w.rows)
@@ -222,6 +235,8 @@ def matmul(w, l, x, n_tok, out, wtiles, act, fast):
             matmul_int8_few(w, l, act, n_tok, out)
         else:
             matmul_int8(w, l, act, n_tok, out)
+    elif n_tok == 5:
+        gemv5(w, l, x, out)
     elif n_tok <= GEMV_MAX_TOKENS:
         gemv(w, l, x, n_tok, out)
     else:
@@ -237,6 +252,18 @@ def gemv(w, l, x, n_tok, out):
             dot_4xn(w, l, r, x, t, min(4, n_tok - t), out)
     for r in range(N - N % 4, N):
         for t in range(n_tok):
+            dot_1x1(w, l, r, x, t, out)
+
+
+@pjit
+def gemv5(w, l, x, out):
+    """gemv for five tokens. Apart from gemv: inlined there, the 4x5 kernel slowed one-token
+    decode by ~7% (benches.compare, every round)."""
+    N = w.rows
+    for g in prange(N // 4):
+        dot_4x5(w, l, 4 * g, x, out)
+    for r in range(N - N % 4, N):
+        for t in range(5):
             dot_1x1(w, l, r, x, t, out)
 
 

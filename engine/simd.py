@@ -327,6 +327,8 @@ dot_f16_4x4, dot_f16_4x3, dot_f16_4x2 = _exact("f16", 4, 4), _exact("f16", 4, 3)
 dot_f16_4x1, dot_f16_1x1 = _exact("f16", 4, 1), _exact("f16", 1, 1)
 dot_f32_4x4, dot_f32_4x3, dot_f32_4x2 = _exact("f32", 4, 4), _exact("f32", 4, 3), _exact("f32", 4, 2)
 dot_f32_4x1, dot_f32_1x1 = _exact("f32", 4, 1), _exact("f32", 1, 1)
+# 4x5: a step of five rows (a verify step of 4 drafts) in one pass, not 4x4 then 4x1
+dot_q4_4x5, dot_q8_4x5, dot_f16_4x5, dot_f32_4x5 = (_exact(f, 4, 5) for f in FMTS)
 
 
 def _dequant(fmt):

@@ -42,11 +42,12 @@ __all__ = ["propose", "Speculator", "STEP_COST"]
 
 # A decode step's time by its rows, relative to one row, per numeric mode (SmolLM2-135M, 2 cores,
 # min of 40, `python -m benches.bench_speculation --step-cost [--numerics fast]`, 2026-12-06;
-# exact: 4.7 / 6.0 / 6.6 / 7.5 / 10.6 ms). The matrix-vector kernels take 1-4 rows in one pass
-# over the weights (the unpacking is shared, the multiply-adds are not), 5 rows in two; from
-# GEMV_MAX_TOKENS + 1 rows on, the matrix path is compute-bound and a draft row costs about what
-# a token does: no speculation there. Re-measure when the kernels change.
-STEP_COST = {"exact": (1.0, 1.3, 1.42, 1.55, 2.25),
+# exact: 4.7 / 6.2 / 6.7 / 7.5 / 8.1 ms). The matrix-vector kernels take 1-5 rows in one pass
+# over the weights (the unpacking is shared, the multiply-adds are not; fast mode's integer
+# kernels take 5 in two); from GEMV_MAX_TOKENS + 1 rows on, the matrix path is compute-bound
+# and a draft row costs about what a token does: no speculation there. Re-measure when the
+# kernels change.
+STEP_COST = {"exact": (1.0, 1.3, 1.42, 1.58, 1.72),
              "fast": (1.0, 1.22, 1.38, 1.76, 1.99)}
 MIN_GAIN = 1.05         # expected tokens per time, relative to plain decoding, below this: stop
                         # speculating for a while
