@@ -1,12 +1,16 @@
-"""Helpers shared by the tests of the gRPC server on loopback (tests/test_server_*.py)."""
+"""Helpers shared by the tests of the gRPC server on loopback (tests/test_server_*.py), and
+their fixtures: a test module imports ``model_path, server, client`` to get a tiny server of its
+own (module scope)."""
 
 from __future__ import annotations
 
 import time
 import urllib.request
 
+import pytest
+
 from engine.server.app import ServerOptions
-from engine.client import Completion, Token
+from engine.client import Completion, Token, WaferClient
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
 from protos import wafer_pb2 as pb
@@ -25,6 +29,23 @@ def tiny_server(model_path) -> ServerThread:
         ModelEntry(name="tiny-narrow", path=str(model_path), max_batch=1, max_waiting=2),
     ], default="tiny")
     return ServerThread(registry, ServerOptions(port=0, metrics_port=0, session_idle_timeout_s=60))
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_gguf):
+    return tiny_gguf("Q4_1", context_length=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    with tiny_server(model_path) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with WaferClient(server.address, timeout=60) as c:
+        yield c
 
 
 def split(items):

@@ -12,9 +12,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine.client import WaferClient
 from protos import wafer_pb2 as pb
-from serving import CONTEXT, kv_used, scrape, session_script, tiny_server, turn, wait_until
+from serving import CONTEXT, client, kv_used, model_path, scrape, server, session_script, turn, wait_until  # noqa: F401 (fixtures)
 
 BAD_UTF8 = bytes.fromhex("fffe20616263 20c3".replace(" ", ""))  # the repro
 
@@ -35,23 +34,6 @@ BAD = {
 }
 REASON = {"Generate": "invalid UTF-8 in a string field", "Tokenize": "invalid UTF-8 in a string field",
           "GetModel": "invalid UTF-8 in a string field", "ListModels": "the wire format is corrupt"}
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_gguf):
-    return tiny_gguf("Q4_1", context_length=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    with tiny_server(model_path) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with WaferClient(server.address, timeout=60) as c:
-        yield c
 
 
 def raw_call(channel, method: str, kind: str):

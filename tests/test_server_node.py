@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.client import Token, WaferClient
+from engine.client import Token
 from fault.faults import assert_invariants, slow_engine, take_baseline
-from serving import CONTEXT, kv_used, tiny_server, wait_until
+from serving import CONTEXT, client, kv_used, model_path, server, tiny_server, wait_until  # noqa: F401 (fixtures)
 
 NODE_DIR = Path(__file__).parent / "node"
 STAMP = NODE_DIR / "node_modules" / ".package-lock.sha256"  # npm ci empties node_modules first
@@ -47,23 +47,6 @@ def node():
         assert r.returncode == 0, f"npm ci failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         STAMP.write_text(lock)
     return shutil.which("node")
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_gguf):
-    return tiny_gguf("Q4_1", context_length=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    with tiny_server(model_path) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with WaferClient(server.address, timeout=60) as c:
-        yield c
 
 
 def run_client(node, server, scenario: str) -> dict[str, dict]:

@@ -17,24 +17,7 @@ from engine.client import WaferClient
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
 from protos import wafer_pb2 as pb
-from serving import CONTEXT, scrape, split, tiny_server, wait_until
-
-@pytest.fixture(scope="module")
-def model_path(tiny_gguf):
-    return tiny_gguf("Q4_1", context_length=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    with tiny_server(model_path) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with WaferClient(server.address, timeout=60) as c:
-        yield c
-
+from serving import CONTEXT, client, model_path, scrape, server, split, wait_until  # noqa: F401 (fixtures)
 
 def test_calls_without_ids_are_named_in_the_log(client, caplog):
     caplog.set_level(logging.DEBUG, logger="engine.scheduler")

@@ -10,24 +10,7 @@ import pytest
 
 from engine.client import Completion, SessionError, Token, WaferClient
 from protos import wafer_pb2 as pb
-from serving import CONTEXT, kv_used, scrape, session_script, split, tiny_server, turn, wait_until
-
-@pytest.fixture(scope="module")
-def model_path(tiny_gguf):
-    return tiny_gguf("Q4_1", context_length=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    with tiny_server(model_path) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with WaferClient(server.address, timeout=60) as c:
-        yield c
-
+from serving import CONTEXT, client, kv_used, model_path, scrape, server, session_script, split, turn, wait_until  # noqa: F401 (fixtures)
 
 def test_session_reuses_kv_and_matches_fresh_request(client, server):
     first = [{"role": "user", "content": "tell me about the sea"}]

@@ -12,29 +12,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.server.app import ServerOptions
-from engine.client import Completion, SessionError, Token, WaferClient
+from engine.client import Completion, SessionError, Token
 from engine.server.registry import ModelEntry, Registry
 from engine.server.testing import ServerThread
 from fault.faults import slow_engine
 from protos import wafer_pb2 as pb
-from serving import CONTEXT, kv_used, split, tiny_server, wait_until
-
-@pytest.fixture(scope="module")
-def model_path(tiny_gguf):
-    return tiny_gguf("Q4_1", context_length=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    with tiny_server(model_path) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with WaferClient(server.address, timeout=60) as c:
-        yield c
-
+from serving import CONTEXT, client, kv_used, model_path, server, split, wait_until  # noqa: F401 (fixtures)
 
 def test_the_loaded_model_is_left_out_of_garbage_collections(server):
     """A full collection walks every object loading left behind (the vocabulary, GGUF metadata,

@@ -6,28 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from engine.client import WaferClient
 from engine.server.servicer import abandoned_status
 from engine.server.validate import PROBE_CHARS_PER_TOKEN, Invalid, sampling_params
 from protos import wafer_pb2 as pb
-from serving import CONTEXT, tiny_server
-
-@pytest.fixture(scope="module")
-def model_path(tiny_gguf):
-    return tiny_gguf("Q4_1", context_length=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def server(model_path):
-    with tiny_server(model_path) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with WaferClient(server.address, timeout=60) as c:
-        yield c
-
+from serving import CONTEXT, client, model_path, server  # noqa: F401 (fixtures)
 
 @pytest.mark.parametrize("kw, field", [
     (dict(max_tokens=100000), "max_tokens=100000"),

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import wafer_pb2 as pb
 from protos import wafer_pb2_grpc as pb_grpc
+from serving import scrape as scrape_url
 
 MODELS = ("tiny", "tiny-narrow", "tiny-q")  # the fault server's engines (see conftest.py)
 # threads that pools keep between calls (the loop's default executor, grpc's): allowed to stay
@@ -62,13 +62,7 @@ def wait_until(pred, timeout=15.0, every=0.02):
 
 
 def scrape(server) -> dict[str, float]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+    return scrape_url(server.metrics_url)
 
 
 def outcomes(server, model: str) -> dict[str, float]:
